@@ -1,0 +1,80 @@
+"""Transforms: working-frame resizing and the reference augmentation used by the augmentation loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandZoomd,
+)
+
+__all__ = ["reference_augmentation", "normalize_intensity", "to_working", "from_working", "one_hot"]
+
+
+def reference_augmentation(size: int, rotate_deg: float = 10.0, translate: float = 0.1, shear_deg: float = 10.0):
+    """Random affine (rotation, translation, scale 0.9-1.1, shear), crop-like zoom and intensity jitter.
+
+    Operates on a dict with ``image`` (1, S, S) and ``label`` (K, S, S, one-hot).
+    """
+    rot, shear = math.radians(rotate_deg), math.tan(math.radians(shear_deg))
+    return Compose(
+        [
+            RandAffined(
+                keys=("image", "label"),
+                prob=1.0,
+                rotate_range=rot,
+                translate_range=(translate * size, translate * size),
+                scale_range=(0.1, 0.1),
+                shear_range=(shear, shear),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandZoomd(keys=("image", "label"), prob=0.3, min_zoom=1.0, max_zoom=1.15, mode=("bilinear", "nearest")),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
+            RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
+            RandGaussianNoised(keys="image", prob=0.3, std=0.02),
+        ]
+    )
+
+
+def normalize_intensity(image: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+    """Grayscale float image in [0, 1] with percentile clipping (colour images are averaged first)."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:
+        img = img.mean(-1)
+    lo, hi = np.percentile(img, [lower, upper])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def working_shape(size: tuple[int, int], working: int) -> tuple[int, int]:
+    s = working / max(size)
+    return max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))
+
+
+def to_working(x: torch.Tensor, working: int, mode: str = "bilinear") -> torch.Tensor:
+    """(C, H, W) -> (C, S, S): longest side resized to S, padded bottom/right with zeros."""
+    h, w = working_shape(tuple(x.shape[-2:]), working)
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    y = F.interpolate(x[None].float(), size=(h, w), mode=mode, **kwargs)[0]
+    return F.pad(y, (0, working - w, 0, working - h))
+
+
+def from_working(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, S, S) -> (C, H, W): crop the padded frame and resize to the image size."""
+    h, w = working_shape(size, x.shape[-1])
+    return F.interpolate(x[None, :, :h, :w].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(H, W) integer label -> (K, H, W) float one-hot, K = num_classes + 1 (background first)."""
+    return F.one_hot(label.long().clamp(0, num_classes), num_classes + 1).permute(2, 0, 1).float()

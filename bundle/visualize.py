@@ -1,0 +1,70 @@
+"""Overlays a person can look at: the image with predicted (and, where known, true) outlines per class."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+__all__ = ["overlay", "save_overlay", "montage"]
+
+# distinct colours (RGB) for up to 8 classes; cycled beyond
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, -1)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1)
+    return (img[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None = None, title: str = "") -> np.ndarray:
+    """RGB uint8 picture: filled translucent prediction with solid outline; ground truth as a thin white outline."""
+    out = _to_rgb8(image).copy()
+    thick = max(1, round(max(out.shape[:2]) / 256))
+    classes = sorted(set(np.unique(prediction).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set()))
+    fill = out.copy()
+    for c in classes:
+        if c == 0:
+            continue
+        colour = _COLOURS[(c - 1) % len(_COLOURS)]
+        mask = (prediction == c).astype(np.uint8)
+        fill[mask > 0] = colour
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, colour, thick)
+    out = cv2.addWeighted(fill, 0.25, out, 0.75, 0)
+    if truth is not None:
+        for c in classes:
+            if c == 0:
+                continue
+            contours, _ = cv2.findContours((truth == c).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, thick // 2))
+    if title:
+        scale = max(out.shape[:2]) / 800
+        cv2.putText(out, title, (8, int(28 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), max(1, thick), cv2.LINE_AA)
+    return out
+
+
+def save_overlay(path: str, picture: np.ndarray) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".part.png"
+    cv2.imwrite(tmp, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    os.replace(tmp, path)
+    return path
+
+
+def montage(pictures: list[np.ndarray], height: int = 256, columns: int = 4) -> np.ndarray:
+    """Tile pictures (resized to a common height) into a grid."""
+    tiles = [cv2.resize(p, (max(1, round(p.shape[1] * height / p.shape[0])), height), interpolation=cv2.INTER_AREA) for p in pictures]
+    width = max(t.shape[1] for t in tiles)
+    tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
+    rows = []
+    for i in range(0, len(tiles), columns):
+        row = tiles[i : i + columns]
+        row += [np.zeros_like(tiles[0])] * (columns - len(row))
+        rows.append(np.concatenate(row, 1))
+    return np.concatenate(rows, 0)

@@ -1,0 +1,181 @@
+"""Benchmark the bundle against classical single-atlas label propagation (elastix, ANTs SyN) on the same images.
+
+    python scripts/benchmark.py --dataset_dir ../shared/data/jsrt --num_images 40 [--methods bundle elastix ants]
+        [--set key=value ...] [--markdown docs/benchmarks.md]
+
+Reference = first labelled case by sorted image name; the next ``num_images`` cases are the test set. Prints one
+table (method, Dice per class, mean Dice, mean IoU, seconds per image, peak memory) and, with ``--markdown``,
+writes it into that file under a heading for the dataset, with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bundle.io import load_datalist, read_image, read_label  # noqa: E402
+from bundle.metrics import class_scores, summarize  # noqa: E402
+from bundle.transforms import normalize_intensity  # noqa: E402
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run_bundle(dataset_dir: str, num_images: int, overrides: dict, output_dir: str) -> dict:
+    """The bundle's own pipeline, configured as ``configs/inference.yaml`` plus ``overrides``."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update(
+        {"bundle_root": ROOT, "dataset_dir": dataset_dir, "num_images": num_images, "output_dir": output_dir}
+    )
+    parser.update(overrides)
+    set_determinism(seed=parser.get_parsed_content("seed"))
+    summary = parser.get_parsed_content("workflow").run()
+    return summary
+
+
+def _propagate(name: str, fixed: np.ndarray, moving: np.ndarray, label: np.ndarray) -> np.ndarray:
+    if name == "elastix":
+        import itk
+
+        f, m = itk.image_from_array(fixed.astype(np.float32)), itk.image_from_array(moving.astype(np.float32))
+        params = itk.ParameterObject.New()
+        params.AddParameterMap(params.GetDefaultParameterMap("affine"))
+        bspline = params.GetDefaultParameterMap("bspline")
+        params.AddParameterMap(bspline)
+        result, transform = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
+        transform.SetParameter("FinalBSplineInterpolationOrder", "0")
+        for i in range(transform.GetNumberOfParameterMaps()):
+            transform.SetParameter(i, "FinalBSplineInterpolationOrder", "0")
+        warped = itk.transformix_filter(itk.image_from_array(label.astype(np.float32)), transform)
+        return np.rint(itk.array_from_image(warped)).astype(np.int64)
+    if name == "ants":
+        import ants
+
+        f, m = ants.from_numpy(fixed.astype(np.float32)), ants.from_numpy(moving.astype(np.float32))
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN")
+        lab = ants.from_numpy(label.astype(np.float32))
+        warped = ants.apply_transforms(fixed=f, moving=lab, transformlist=reg["fwdtransforms"], interpolator="genericLabel")
+        return np.rint(warped.numpy()).astype(np.int64)
+    raise ValueError(f"unknown method {name}")
+
+
+def run_classical(name: str, dataset_dir: str, num_images: int) -> dict:
+    """Single-atlas label propagation: register the reference to each target, warp its label (nearest)."""
+    reference, targets, names = load_datalist(dataset_dir, num_images)
+    class_values = sorted(names) or sorted(int(v) for v in np.unique(read_label(reference.label_path)) if v)
+    index = np.zeros(max(class_values) + 1, np.int64)
+    index[class_values] = np.arange(1, len(class_values) + 1)
+    moving = normalize_intensity(read_image(reference.image_path)[0])
+    ref_label = index[read_label(reference.label_path)]
+    start, rows = time.time(), []
+    for case in tqdm(targets, desc=name, leave=False):
+        fixed = normalize_intensity(read_image(case.image_path)[0])
+        if fixed.shape != moving.shape:  # classical tools here work on a common grid
+            import cv2
+
+            mov = cv2.resize(moving, fixed.shape[::-1], interpolation=cv2.INTER_LINEAR)
+            lab = cv2.resize(ref_label.astype(np.uint8), fixed.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        else:
+            mov, lab = moving, ref_label
+        pred = _propagate(name, fixed, mov, lab)
+        if case.label_path:
+            truth = index[np.clip(read_label(case.label_path), 0, len(index) - 1)]
+            rows.append(class_scores(pred, truth, len(class_values)))
+    seconds = time.time() - start
+    summary = summarize(rows, [names.get(v, f"class_{v}") for v in class_values])
+    summary.update(seconds_per_image=round(seconds / max(len(targets), 1), 3), num_images=len(targets))
+    return summary
+
+
+def table(results: dict[str, dict]) -> str:
+    classes = list(next(iter(results.values()))["per_class"])
+    head = "| method | " + " | ".join(classes) + " | mean Dice | mean IoU | s / image | peak MB |"
+    lines = [head, "|" + "---|" * (len(classes) + 5)]
+    for method, s in results.items():
+        per = " | ".join(f"{s['per_class'].get(c, float('nan')):.1f}" for c in classes)
+        peak = s.get("peak_memory_mb")
+        lines.append(
+            f"| {method} | {per} | **{s['dice_mean']:.1f}** | {s['iou_mean']:.1f} | {s['seconds_per_image']:.2f} | "
+            + (f"{peak:.0f} |" if peak else "- |")
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, dataset: str, command: str, text: str) -> None:
+    start, end = f"<!-- {dataset}:start -->", f"<!-- {dataset}:end -->"
+    block = f"{start}\n### {dataset}\n\n```\n{command}\n```\n\n{text}\n{end}"
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--num_images", type=int, default=40)
+    p.add_argument("--methods", nargs="+", default=["bundle", "elastix", "ants"])
+    p.add_argument("--set", nargs="*", default=[], help="config overrides for the bundle, key=value (JSON values)")
+    p.add_argument("--variant", action="append", default=[], help="extra bundle rows: name:key=value,key=value")
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: _value(v) for k, v in overrides.items()}
+    dataset = os.path.basename(os.path.normpath(args.dataset_dir))
+    out_root = args.output_dir or tempfile.mkdtemp(prefix=f"bench_{dataset}_")
+    results: dict[str, dict] = {}
+    for method in args.methods:
+        if method == "bundle":
+            results["bundle (default config)"] = run_bundle(
+                args.dataset_dir, args.num_images, {"progress": False, **overrides}, os.path.join(out_root, "bundle")
+            )
+        else:
+            results[method] = run_classical(method, args.dataset_dir, args.num_images)
+        results[list(results)[-1]].setdefault("peak_memory_mb", round(_peak_mb(), 1))
+    for variant in args.variant:
+        name, _, spec = variant.partition(":")
+        extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+        results[f"bundle ({name})"] = run_bundle(
+            args.dataset_dir,
+            args.num_images,
+            {"progress": False, **overrides, **extra},
+            os.path.join(out_root, name),
+        )
+    text = table(results)
+    print(text)
+    if args.markdown:
+        command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        write_markdown(args.markdown, dataset, command, text + f"\n\n({args.num_images} test images; 2-core CPU)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install the bundle and its test tools into .venv, then run style checks and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q -r requirements-dev.txt
+.venv/bin/python -m black --check --line-length 120 bundle scripts tests
+.venv/bin/python -m isort --check-only --profile black --line-length 120 bundle scripts tests
+.venv/bin/python -m flake8 bundle scripts tests
+.venv/bin/python -m pytest -q tests "$@"

