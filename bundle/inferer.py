@@ -50,7 +50,8 @@ class OneShotInferer(Inferer):
         strategy: ``"warp"`` (Med-PerSAM) or ``"registration"`` (warped label only).
         working_size: long side of the frame the warping network works in.
         rounds: retraining rounds on SAM pseudo-labels after the first pass.
-        refine: refinement passes (SAM output -> new prompts -> SAM, best of multimask).
+        refine: refinement passes (SAM output -> new prompts -> SAM).
+        refine_multimask: in refinement passes, ask SAM for three masks and keep the best predicted IoU.
         pseudo_iou_weight: weight pseudo-labels by SAM's predicted IoU.
         progress: progress bars.
     """
@@ -64,6 +65,7 @@ class OneShotInferer(Inferer):
         working_size: int = 128,
         rounds: int = 1,
         refine: int = 1,
+        refine_multimask: bool = False,
         pseudo_iou_weight: bool = True,
         progress: bool = True,
     ):
@@ -72,7 +74,7 @@ class OneShotInferer(Inferer):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.sam, self.trainer, self.prompter = sam, trainer, prompter
         self.strategy, self.working_size = strategy, working_size
-        self.rounds, self.refine = rounds, refine
+        self.rounds, self.refine, self.refine_multimask = rounds, refine, refine_multimask
         self.pseudo_iou_weight, self.progress = pseudo_iou_weight, progress
         self.embeddings: dict[str, Embedding] = {}
 
@@ -144,11 +146,13 @@ class OneShotInferer(Inferer):
         out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=False)
         logits[keep], iou[keep] = out[:, 0].cpu(), score[:, 0].cpu()
         for _ in range(self.refine):
-            prompts = self.prompter(self.sam, embedding, torch.sigmoid(logits), prototypes, logits=logits)
+            # SAM's answer, binarised, becomes the next mask prompt and box (raw SAM logits as a mask prompt
+            # make LiteMedSAM drift: measured in docs/benchmarks.md)
+            prompts = self.prompter(self.sam, embedding, (logits > 0).float(), prototypes)
             keep = prompts.valid
             if not keep.any():
                 break
-            out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=True)
+            out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=self.refine_multimask)
             best = score.argmax(1)
             rows = torch.arange(len(best))
             logits[keep], iou[keep] = out[rows, best].cpu(), score[rows, best].cpu()

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelWriter, PILWriter
+import nibabel as nib
+from monai.data import MetaTensor, PILWriter
 from monai.transforms import LoadImage
 
 __all__ = [
@@ -151,13 +152,23 @@ def save_label(label: np.ndarray, path: str, meta: dict[str, Any] | None = None)
         writer.set_data_array(data, channel_dim=0, squeeze_end_dims=True)
         writer.write(tmp, verbose=False)
     else:
-        writer = NibabelWriter(output_dtype=np.uint8)
-        writer.set_data_array(data, channel_dim=0)
-        affine = (meta or {}).get("affine")
-        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-        writer.write(tmp, verbose=False)
+        nib.save(nib.Nifti1Image(from_hw(label.astype(np.uint8)), _affine_4x4(meta)), tmp)
     os.replace(tmp, path)
     return path
+
+
+def _affine_4x4(meta: dict[str, Any] | None) -> np.ndarray:
+    """The input's affine (as read, before any MONAI reorientation) as a 4x4 matrix; identity when unknown."""
+    meta = meta or {}
+    affine = meta.get("original_affine", meta.get("affine"))
+    if affine is None:
+        return np.eye(4)
+    affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if affine.shape == (4, 4):
+        return affine
+    out = np.eye(4)  # a 2D (3x3) affine: x, y and translation
+    out[:2, :2], out[:2, 3] = affine[:2, :2], affine[:2, 2]
+    return out
 
 
 def output_name(case: Case) -> str:

@@ -119,9 +119,8 @@ class PromptGenerator:
         embedding: Embedding,
         probs: torch.Tensor,
         prototypes: torch.Tensor | None = None,
-        logits: torch.Tensor | None = None,
     ) -> Prompts:
-        """Prompts from (C, H, W) foreground probabilities; ``logits`` (C, H, W), when given, is the mask prompt."""
+        """Prompts from (C, H, W) foreground probabilities."""
         masks = (probs > self.threshold).cpu().numpy()
         valid = torch.tensor([m.any() for m in masks])
         boxes = None
@@ -131,10 +130,7 @@ class PromptGenerator:
             )
         mask_logits = None
         if self.use_mask:
-            if logits is not None:
-                mask_logits = sam.to_low_res(logits.clamp(-self.mask_logit, self.mask_logit), embedding)
-            else:
-                mask_logits = sam.mask_prompt(probs, embedding.original_size, self.mask_logit)
+            mask_logits = sam.mask_prompt(probs, embedding.original_size, self.mask_logit)
         points = labels = None
         if self.num_points > 0 and prototypes is not None:
             points, labels = self._points(masks, similarity_map(embedding, prototypes, sam.img_size).cpu().numpy())

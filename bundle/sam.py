@@ -124,13 +124,6 @@ class SamBackend(torch.nn.Module):
         x = F.interpolate(low_res, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         return F.interpolate(x[..., :h, :w], size=embedding.original_size, mode="bilinear", align_corners=False)
 
-    def to_low_res(self, logits: torch.Tensor, embedding: Embedding) -> torch.Tensor:
-        """(N, H, W) logits in the image frame -> (N, 1, L, L) in the low-res prompt frame (pad value very negative)."""
-        s = self.low_res_size / max(embedding.original_size)
-        h, w = (int(round(d * s)) for d in embedding.original_size)
-        x = F.interpolate(logits[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
-        return F.pad(x, (0, self.low_res_size - w, 0, self.low_res_size - h), value=-20.0)
-
 
 def _sam_from_parts(image_encoder: torch.nn.Module, embed: int, img_size: int, mean, std) -> Sam:
     prompt_encoder = PromptEncoder(
