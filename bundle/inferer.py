@@ -127,7 +127,10 @@ class OneShotInferer(Inferer):
 
     def _retrain(self, predictions: list[Prediction], num_classes: int) -> None:
         labels = torch.stack(
-            [to_working(one_hot(torch.from_numpy(p.label()), num_classes), self.working_size, "nearest") for p in predictions]
+            [
+                to_working(one_hot(torch.from_numpy(p.label()), num_classes), self.working_size, "nearest")
+                for p in predictions
+            ]
         )
         weights = torch.stack([p.iou.mean() for p in predictions]) if self.pseudo_iou_weight else None
         self.trainer.set_pseudo_labels(labels, weights)

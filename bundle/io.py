@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
-import nibabel as nib
 from monai.data import MetaTensor, PILWriter
 from monai.transforms import LoadImage
 
@@ -102,7 +102,10 @@ def read_label(path: str) -> np.ndarray:
 
 
 def load_datalist(
-    dataset_dir: str, num_images: int | None = None, reference_image: str | None = None, reference_label: str | None = None
+    dataset_dir: str,
+    num_images: int | None = None,
+    reference_image: str | None = None,
+    reference_label: str | None = None,
 ) -> tuple[Case, list[Case], dict[int, str]]:
     """Reference case, target cases and class names from ``dataset_dir/dataset.json`` (MONAI decathlon format).
 
@@ -124,8 +127,10 @@ def load_datalist(
     items.sort(key=lambda c: os.path.basename(c.image_path))
     names = {int(k): v for k, v in spec.get("labels", {}).items() if int(k) != 0}
     if reference_image:
-        reference = Case(case_id(reference_image), reference_image, reference_label)
-        targets = [c for c in items if os.path.abspath(c.image_path) != os.path.abspath(reference_image)]
+        same = [c for c in items if os.path.abspath(c.image_path) == os.path.abspath(reference_image)]
+        # a reference named from the datalist keeps its listed label unless another is given
+        reference = same[0] if same else Case(case_id(reference_image), reference_image, reference_label)
+        targets = [c for c in items if c not in same]
     else:
         labelled = [c for c in items if c.label_path]
         if not labelled:

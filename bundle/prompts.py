@@ -29,7 +29,7 @@ class Prompts:
 
     def rows(self, keep: torch.Tensor) -> dict:
         """Keyword arguments for ``SamBackend.predict`` restricted to the rows in ``keep``."""
-        pick = (lambda t: None if t is None else t[keep])  # noqa: E731
+        pick = lambda t: None if t is None else t[keep]  # noqa: E731
         return {
             "boxes": pick(self.boxes),
             "points": pick(self.points),

@@ -10,7 +10,16 @@ import numpy as np
 __all__ = ["overlay", "save_overlay", "montage"]
 
 # distinct colours (RGB) for up to 8 classes; cycled beyond
-_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+_COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
 
 
 def _to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -26,7 +35,9 @@ def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None 
     """RGB uint8 picture: filled translucent prediction with solid outline; ground truth as a thin white outline."""
     out = _to_rgb8(image).copy()
     thick = max(1, round(max(out.shape[:2]) / 256))
-    classes = sorted(set(np.unique(prediction).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set()))
+    classes = sorted(
+        set(np.unique(prediction).tolist()) | (set(np.unique(truth).tolist()) if truth is not None else set())
+    )
     fill = out.copy()
     for c in classes:
         if c == 0:
@@ -45,7 +56,16 @@ def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None 
             cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, thick // 2))
     if title:
         scale = max(out.shape[:2]) / 800
-        cv2.putText(out, title, (8, int(28 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), max(1, thick), cv2.LINE_AA)
+        cv2.putText(
+            out,
+            title,
+            (8, int(28 * scale) + 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 0),
+            max(1, thick),
+            cv2.LINE_AA,
+        )
     return out
 
 
@@ -59,7 +79,10 @@ def save_overlay(path: str, picture: np.ndarray) -> str:
 
 def montage(pictures: list[np.ndarray], height: int = 256, columns: int = 4) -> np.ndarray:
     """Tile pictures (resized to a common height) into a grid."""
-    tiles = [cv2.resize(p, (max(1, round(p.shape[1] * height / p.shape[0])), height), interpolation=cv2.INTER_AREA) for p in pictures]
+    tiles = [
+        cv2.resize(p, (max(1, round(p.shape[1] * height / p.shape[0])), height), interpolation=cv2.INTER_AREA)
+        for p in pictures
+    ]
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
     rows = []

@@ -73,3 +73,11 @@ def test_output_name_follows_input_kind():
 
     assert output_name(Case("x", "/d/x.png")) == "x.png"
     assert output_name(Case("y", "/d/y.nii.gz")) == "y.nii.gz"
+
+
+def test_named_reference_from_the_datalist_keeps_its_label(tmp_path):
+    items = [{"image": f"images/{n}.png", "label": f"labels/{n}.png"} for n in ("a", "b", "c")]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"1": "organ"}, "training": items}))
+    ref, targets, _ = load_datalist(str(tmp_path), reference_image=str(tmp_path / "images" / "b.png"))
+    assert ref.id == "b" and ref.label_path.endswith("labels/b.png")
+    assert [t.id for t in targets] == ["a", "c"]

@@ -23,7 +23,9 @@ def test_single_moving_image_is_shared_across_the_batch():
 def test_affine_translation_moves_content_by_that_many_pixels():
     theta = torch.tensor([[[1.0, 0.0, 3.0], [0.0, 1.0, -2.0]]])  # +3 rows, -2 columns
     ddf = affine_to_ddf(theta, (16, 20))
-    assert torch.allclose(ddf[0, 0], torch.full((16, 20), 3.0)) and torch.allclose(ddf[0, 1], torch.full((16, 20), -2.0))
+    assert torch.allclose(ddf[0, 0], torch.full((16, 20), 3.0)) and torch.allclose(
+        ddf[0, 1], torch.full((16, 20), -2.0)
+    )
     image = torch.zeros(1, 1, 16, 20)
     image[0, 0, 8, 10] = 1.0
     warped = WarpNet().warp_image(image, ddf)
