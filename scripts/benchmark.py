@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", action="append", default=[], help="extra bundle rows: name:key=value,key=value")
     p.add_argument("--output_dir", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--title", default=None, help="heading of the table in the markdown file (default: dataset name)")
     args = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if args.markdown:
         command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        write_markdown(args.markdown, dataset, command, text + f"\n\n({args.num_images} test images; 2-core CPU)")
+        write_markdown(
+            args.markdown, args.title or dataset, command, text + f"\n\n({args.num_images} test images; 2-core CPU)"
+        )
     return results
 
 

@@ -46,3 +46,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         LiteMedSAM(checkpoint=str(tmp_path / "nope.pth"))
+
+
+def test_segment_anything_backend_refuses_missing_or_unknown(tmp_path):
+    import pytest
+
+    from bundle.sam import SegmentAnything
+
+    with pytest.raises(FileNotFoundError, match="no download"):
+        SegmentAnything(checkpoint=str(tmp_path / "sam_vit_b.pth"))
+    with pytest.raises(ValueError, match="model_type"):
+        SegmentAnything(checkpoint=str(tmp_path / "x.pth"), model_type="vit_q")
