@@ -179,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: _value(v) for k, v in overrides.items()}
     dataset = os.path.basename(os.path.normpath(args.dataset_dir))
     out_root = args.output_dir or tempfile.mkdtemp(prefix=f"bench_{dataset}_")
+    variants = []
+    for variant in args.variant:  # parse every variant before any work, so a typo costs nothing
+        name, sep, spec = variant.partition(":")
+        pairs = [kv.split("=", 1) for kv in spec.split(",") if kv]
+        if not sep or not name or any(len(kv) != 2 for kv in pairs):
+            p.error(f"--variant {variant!r}: expected name:key=value[,key=value] (no ':' in the name)")
+        variants.append((name, {k: _value(v) for k, v in pairs}))
     results: dict[str, dict] = {}
     for method in args.methods:
         if method == "bundle":
@@ -191,16 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
             )
         else:
             results[method] = _isolated(run_classical, method, args.dataset_dir, args.num_images)
-    for variant in args.variant:
-        name, _, spec = variant.partition(":")
-        extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+        print(table(results), flush=True)
+    for name, extra in variants:
         results[f"bundle ({name})"] = _isolated(
             run_bundle,
             args.dataset_dir,
             args.num_images,
             {"progress": False, **overrides, **extra},
-            os.path.join(out_root, name.replace(" ", "_")),
+            os.path.join(out_root, "".join(ch if ch.isalnum() else "_" for ch in name)),
         )
+        print(table(results), flush=True)
     text = table(results)
     print(text)
     if args.markdown:
