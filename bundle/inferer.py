@@ -8,6 +8,7 @@ of rounds. The ``registration`` strategy stops after the warp (the warped label 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,10 @@ class OneShotInferer(Inferer):
         self.rounds, self.refine, self.refine_multimask = rounds, refine, refine_multimask
         self.pseudo_iou_weight, self.progress = pseudo_iou_weight, progress
         self.embeddings: dict[str, Embedding] = {}
+        self.timings: dict[str, float] = {}
+
+    def _clock(self, stage: str, start: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.time() - start, 2)
 
     def _bar(self, items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not self.progress)
@@ -107,12 +112,17 @@ class OneShotInferer(Inferer):
             ref_emb = self.embed("__reference__", ref_image)
             if self.prompter.num_points > 0:
                 prototypes = class_prototypes(ref_emb, ref_onehot[1:], self.sam.img_size)
+            start = time.time()
             for key, img in self._bar(targets, "SAM encoding"):
                 self.embed(key, img)
+            self._clock("sam_encoding_s", start)
+        start = time.time()
         self.trainer.fit()
+        self._clock("warp_training_s", start)
         rounds = self.rounds if use_sam else 0
         predictions: list[Prediction] = []
         for r in range(rounds + 1):
+            start = time.time()
             warped, _ = self.trainer.predict()
             predictions = []
             for (key, img), soft in self._bar(list(zip(targets, warped)), f"SAM round {r}"):
@@ -121,8 +131,11 @@ class OneShotInferer(Inferer):
                     predictions.append(self.segment(self.embeddings[key], probs, prototypes))
                 else:
                     predictions.append(Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(num_classes)))
+            self._clock("prompting_and_sam_decoding_s", start)
             if r < rounds:
+                start = time.time()
                 self._retrain(predictions, num_classes)
+                self._clock("warp_training_s", start)
         return predictions
 
     def _retrain(self, predictions: list[Prediction], num_classes: int) -> None:

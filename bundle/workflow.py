@@ -199,6 +199,7 @@ class OneShotSegmentation:
             "seconds_total": round(seconds, 2),
             "seconds_per_image": round(seconds / max(num_images, 1), 3),
             "peak_memory_mb": round(peak, 1),
+            "seconds_by_stage": dict(getattr(self.inferer, "timings", {})),
             "settings": self.settings,
         }
         tmp = os.path.join(self.output_dir, "summary.json.part")

@@ -31,6 +31,7 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert np.asarray(Image.open(tmp_path / "demo" / "predictions" / preds[0])).shape == (192, 192)
     assert (tmp_path / "demo" / "overlays" / "montage.png").exists()
     assert summary["settings"]["strategy"] == "warp"
+    assert set(summary["seconds_by_stage"]) >= {"sam_encoding_s", "warp_training_s", "prompting_and_sam_decoding_s"}
 
 
 def test_real_jsrt_cases_reach_a_dice_floor(tmp_path):
