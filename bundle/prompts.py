@@ -60,7 +60,7 @@ def _image_features(embedding: Embedding, img_size: int) -> torch.Tensor:
 def class_prototypes(embedding: Embedding, masks: torch.Tensor, img_size: int) -> torch.Tensor:
     """Mean L2-normalised encoder feature inside each (C, H, W) mask: (C, D). Zero rows for empty masks."""
     f = _image_features(embedding, img_size)
-    m = F.interpolate(masks[:, None].float(), size=f.shape[1:], mode="area")[:, 0]
+    m = F.interpolate(masks[:, None].float().to(f.device), size=f.shape[1:], mode="area")[:, 0]
     proto = torch.einsum("dhw,chw->cd", f, m) / m.sum((1, 2)).clamp_min(1e-6)[:, None]
     return F.normalize(proto, dim=1)
 
