@@ -109,10 +109,9 @@ class OneShotInferer(Inferer):
         prototypes = None
         use_sam = self.strategy != "registration"
         if use_sam:
-            ref_emb = self.embed("__reference__", ref_image)
-            if self.prompter.num_points > 0:
-                prototypes = class_prototypes(ref_emb, ref_onehot[1:], self.sam.img_size)
             start = time.time()
+            if self.prompter.num_points > 0:  # the reference is encoded only for the points' class prototypes
+                prototypes = class_prototypes(self.embed("__reference__", ref_image), ref_onehot[1:], self.sam.img_size)
             for key, img in self._bar(targets, "SAM encoding"):
                 self.embed(key, img)
             self._clock("sam_encoding_s", start)
