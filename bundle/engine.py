@@ -175,14 +175,14 @@ class WarpTrainer(Engine):
             os.replace(path + ".part", path)
 
     @torch.no_grad()
-    def predict(self, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """Warped reference label (N, K, S, S) and displacement (N, 2, S, S) for every target."""
+    def predict(self, batch_size: int = 16) -> torch.Tensor:
+        """Warped reference label (N, K, S, S) for every target."""
         self.network.eval()
-        labels, ddfs = [], []
+        moving = self.moving[None].to(self.device)
+        label = self.moving_label[None].to(self.device)
+        out = []
         for i in range(0, len(self.fixed), batch_size):
             fixed = self.fixed[i : i + batch_size].to(self.device)
-            n = len(fixed)
-            ddf = self.network(self.moving[None].to(self.device), fixed)
-            labels.append(self.network.warp_image(self.moving_label[None].to(self.device).expand(n, -1, -1, -1), ddf))
-            ddfs.append(ddf)
-        return torch.cat(labels).cpu(), torch.cat(ddfs).cpu()
+            ddf = self.network(moving, fixed)
+            out.append(self.network.warp_image(label.expand(len(fixed), -1, -1, -1), ddf).cpu())
+        return torch.cat(out)

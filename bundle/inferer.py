@@ -122,7 +122,7 @@ class OneShotInferer(Inferer):
         predictions: list[Prediction] = []
         for r in range(rounds + 1):
             start = time.time()
-            warped, _ = self.trainer.predict()
+            warped = self.trainer.predict()
             predictions = []
             for (key, img), soft in self._bar(list(zip(targets, warped)), f"SAM round {r}"):
                 probs = from_working(soft, img.shape[:2])[1:].clamp(0, 1)

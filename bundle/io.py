@@ -27,6 +27,7 @@ __all__ = [
     "from_hw",
     "save_label",
     "output_name",
+    "to_class_index",
     "case_id",
 ]
 
@@ -39,13 +40,11 @@ class InvalidReferenceError(ValueError):
 
 @dataclass
 class Case:
-    """One image of the cohort: where it lives and, once read, its pixels in (H, W[, C]) order."""
+    """One image of the cohort: where it lives and, once read, its metadata."""
 
     id: str
     image_path: str
     label_path: str | None = None
-    image: np.ndarray | None = None
-    label: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,6 +141,13 @@ def load_datalist(
     if num_images is not None and num_images > 0:
         targets = targets[: int(num_images)]
     return reference, targets, names
+
+
+def to_class_index(label: np.ndarray, class_values: list[int]) -> np.ndarray:
+    """Label values -> class indices 1..C in the order of ``class_values``; any other value -> 0 (background)."""
+    index = np.zeros(max(class_values) + 1, np.int64)
+    index[class_values] = np.arange(1, len(class_values) + 1)
+    return np.where(label <= max(class_values), index[np.clip(label, 0, len(index) - 1)], 0)
 
 
 def save_label(label: np.ndarray, path: str, meta: dict[str, Any] | None = None) -> str:

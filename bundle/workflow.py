@@ -16,11 +16,20 @@ import torch
 
 from bundle.demo import make_demo_dataset
 from bundle.inferer import OneShotInferer
-from bundle.io import Case, InvalidReferenceError, load_datalist, output_name, read_image, read_label, save_label
+from bundle.io import (
+    Case,
+    InvalidReferenceError,
+    load_datalist,
+    output_name,
+    read_image,
+    read_label,
+    save_label,
+    to_class_index,
+)
 from bundle.metrics import class_scores, summarize
 from bundle.visualize import montage, overlay, save_overlay
 
-__all__ = ["OneShotSegmentation", "check_reference"]
+__all__ = ["OneShotSegmentation", "check_reference", "check_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +63,9 @@ def check_reference(case: Case, class_values: list[int] | None = None) -> tuple[
     present = sorted(int(v) for v in np.unique(label) if v != 0)
     if not present:
         raise InvalidReferenceError(f"reference label {case.label_path} is empty (no foreground pixel)")
-    if not np.isfinite(image).all() or float(image.max()) == float(image.min()):
-        raise InvalidReferenceError(f"reference image {case.image_path} is constant or has non-finite values")
+    problem = check_target(image)
+    if problem:
+        raise InvalidReferenceError(f"reference image {case.image_path}: {problem}")
     if class_values:
         missing = [v for v in class_values if v not in present]
         extra = [v for v in present if v not in class_values]
@@ -68,7 +78,8 @@ def check_reference(case: Case, class_values: list[int] | None = None) -> tuple[
     return image, label, class_values or present
 
 
-def _check_target(image: np.ndarray) -> str | None:
+def check_target(image: np.ndarray) -> str | None:
+    """Why an image cannot be segmented (too small, non-finite, constant), or None."""
     if min(image.shape[:2]) < MIN_SIZE:
         return f"image is {image.shape[1]}x{image.shape[0]} px, smaller than {MIN_SIZE} px"
     if not np.isfinite(image).all():
@@ -125,16 +136,14 @@ class OneShotSegmentation:
         )
         ref_image, ref_label, class_values = check_reference(reference, sorted(names) or None)
         class_names = [names.get(v, f"class_{v}") for v in class_values]
-        index = np.zeros(max(class_values) + 1, np.int64)
-        index[class_values] = np.arange(1, len(class_values) + 1)
-        ref_index = index[ref_label]
+        ref_index = to_class_index(ref_label, class_values)
 
         errors: list[dict[str, str]] = []
         loaded: list[tuple[Case, np.ndarray]] = []
         for case in targets:
             try:
                 image, meta = read_image(case.image_path)
-                problem = _check_target(image)
+                problem = check_target(image)
             except Exception as e:  # noqa: BLE001 - an unreadable target is reported, the run goes on
                 problem = f"cannot be read: {e}"
             if problem:
@@ -159,7 +168,7 @@ class OneShotSegmentation:
             truth = None
             if case.label_path and os.path.exists(case.label_path):
                 try:
-                    truth = index[np.clip(read_label(case.label_path), 0, len(index) - 1)]
+                    truth = to_class_index(read_label(case.label_path), class_values)
                 except Exception as e:  # noqa: BLE001
                     logger.warning("label of %s unreadable, not scored: %s", case.id, e)
             if truth is not None and truth.shape == label.shape:

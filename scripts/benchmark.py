@@ -27,9 +27,10 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bundle.io import load_datalist, read_image, read_label  # noqa: E402
+from bundle.io import load_datalist, read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores, summarize  # noqa: E402
 from bundle.transforms import normalize_intensity  # noqa: E402
+from bundle.workflow import check_reference  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -89,11 +90,9 @@ def _propagate(name: str, fixed: np.ndarray, moving: np.ndarray, label: np.ndarr
 def run_classical(name: str, dataset_dir: str, num_images: int) -> dict:
     """Single-atlas label propagation: register the reference to each target, warp its label (nearest)."""
     reference, targets, names = load_datalist(dataset_dir, num_images)
-    class_values = sorted(names) or sorted(int(v) for v in np.unique(read_label(reference.label_path)) if v)
-    index = np.zeros(max(class_values) + 1, np.int64)
-    index[class_values] = np.arange(1, len(class_values) + 1)
-    moving = normalize_intensity(read_image(reference.image_path)[0])
-    ref_label = index[read_label(reference.label_path)]
+    ref_image, ref_label, class_values = check_reference(reference, sorted(names) or None)
+    moving = normalize_intensity(ref_image)
+    ref_label = to_class_index(ref_label, class_values)
     _warm_up(name)
     start, rows = time.time(), []
     for case in tqdm(targets, desc=name, leave=False):
@@ -107,7 +106,7 @@ def run_classical(name: str, dataset_dir: str, num_images: int) -> dict:
             mov, lab = moving, ref_label
         pred = _propagate(name, fixed, mov, lab)
         if case.label_path:
-            truth = index[np.clip(read_label(case.label_path), 0, len(index) - 1)]
+            truth = to_class_index(read_label(case.label_path), class_values)
             rows.append(class_scores(pred, truth, len(class_values)))
     seconds = time.time() - start
     summary = summarize(rows, [names.get(v, f"class_{v}") for v in class_values])
@@ -209,7 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(table(results), flush=True)
     text = table(results)
-    print(text)
     if args.markdown:
         command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         write_markdown(

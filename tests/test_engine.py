@@ -15,7 +15,7 @@ def _pair(size=64):
 
 
 def _dice_with_targets(trainer, targets):
-    warped, _ = trainer.predict()
+    warped = trainer.predict()
     fg = warped[:, 1] > 0.5
     truth = targets[:, 0] > 0.5
     return float(2 * (fg & truth).sum() / (fg.sum() + truth.sum()))

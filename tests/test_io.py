@@ -81,3 +81,10 @@ def test_named_reference_from_the_datalist_keeps_its_label(tmp_path):
     ref, targets, _ = load_datalist(str(tmp_path), reference_image=str(tmp_path / "images" / "b.png"))
     assert ref.id == "b" and ref.label_path.endswith("labels/b.png")
     assert [t.id for t in targets] == ["a", "c"]
+
+
+def test_label_values_map_to_class_indices():
+    from bundle.io import to_class_index
+
+    label = np.array([[0, 255, 7], [128, 300, 255]])
+    np.testing.assert_array_equal(to_class_index(label, [128, 255]), [[0, 2, 0], [1, 0, 2]])
