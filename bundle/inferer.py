@@ -1,44 +1,74 @@
 """One-shot inferer: reference (image, label) + targets -> per-class SAM logits for every target.
 
-Med-PerSAM (SPEC 2.1): test-time-trained warping carries the reference label onto each target, the warped label
-becomes SAM's prompts, SAM's answer is refined, and the warping is retrained on SAM's pseudo-labels for a number
-of rounds. The ``registration`` strategy stops after the warp (the warped label is the answer, no SAM).
+Strategies (SPEC 2), one SAM backend and one prompt-to-mask step for all:
+- ``warp`` (Med-PerSAM): a test-time-trained warping network carries the reference label onto each target; the
+  warped label becomes SAM's mask + box (+ points) prompts; optional refinement and retraining rounds.
+- ``match`` (SAT / AP-MedSAM): forward/backward patch matching gives points and a box, SAM decodes them, then SAM
+  again with the box of its first mask.
+- ``persam``: one positive and one negative point from prototype similarity, then a cascaded refinement.
+- ``registration``: the warped label itself, no SAM.
+- ``fused`` (default): warping and a patch classifier on the frozen features both propose a SAM mask per class;
+  per class, the cohort-wide agreement of the two decides which source the class takes (see ``fuse``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import Inferer
+from scipy import ndimage
 from tqdm import tqdm
 
+from bundle.classifier import PatchClassifier, reference_views
 from bundle.engine import WarpTrainer
-from bundle.prompts import PromptGenerator, class_prototypes
+from bundle.features import Dinov2Features, sam_patch_features
+from bundle.matching import match_prompts
+from bundle.prompts import PromptGenerator, Prompts, class_prototypes, mask_to_box, persam_prompts, similarity_map
 from bundle.sam import Embedding, SamBackend
 from bundle.transforms import from_working, normalize_intensity, one_hot, to_working
 
-__all__ = ["OneShotInferer", "Prediction"]
+__all__ = ["OneShotInferer", "Prediction", "STRATEGIES"]
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("warp", "registration")
+STRATEGIES = ("fused", "warp", "match", "persam", "registration")
 
 
 @dataclass
 class Prediction:
-    """Per-class logits (C, H, W) for one target, positive = inside; ``iou`` is SAM's estimate per class."""
+    """Per-class logits (C, H, W) for one target, positive = inside; ``iou`` is SAM's estimate per class.
+
+    ``found`` is False for a class no prompt could be made for (it is then empty, never guessed).
+    """
 
     logits: torch.Tensor
     iou: torch.Tensor
+    found: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    prompts: Prompts | None = None  # the first-pass prompts, kept for pictures
+
+    def __post_init__(self):
+        if self.found is None:
+            self.found = (self.logits > 0).flatten(1).any(1)
 
     def label(self) -> np.ndarray:
         """(H, W) label map with classes 1..C; background where every logit is negative."""
         best, idx = self.logits.max(0)
         return np.where(best.numpy() > 0, idx.numpy() + 1, 0).astype(np.int64)
+
+    def masks(self) -> np.ndarray:
+        """(C, H, W) boolean masks of the label map."""
+        lab = self.label()
+        return np.stack([lab == c + 1 for c in range(self.logits.shape[0])])
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 class OneShotInferer(Inferer):
@@ -46,39 +76,57 @@ class OneShotInferer(Inferer):
 
     Args:
         sam: SAM backend (encodes every image once per run).
-        trainer: test-time trainer of the warping network.
-        prompter: turns a soft mask per class into SAM prompts.
-        strategy: ``"warp"`` (Med-PerSAM) or ``"registration"`` (warped label only).
+        trainer: test-time trainer of the warping network (``warp``, ``registration``, ``fused``).
+        prompter: turns a warped soft mask per class into SAM prompts.
+        strategy: one of ``STRATEGIES``.
         working_size: long side of the frame the warping network works in.
-        rounds: retraining rounds on SAM pseudo-labels after the first pass.
-        refine: refinement passes (SAM output -> new prompts -> SAM).
+        rounds: retraining rounds of the warping network on SAM pseudo-labels after the first pass.
+        refine: refinement passes (SAM output -> new prompts -> SAM) for warped prompts.
         refine_multimask: in refinement passes, ask SAM for three masks and keep the best predicted IoU.
         pseudo_iou_weight: weight pseudo-labels by SAM's predicted IoU.
+        classifier: patch classifier of the ``fused`` strategy (a default one when None).
+        self_training: rounds the classifier is retrained on SAM's answers for the targets.
+        agreement: a class takes the warped prompts when the median Dice between the warp's and the classifier's
+            SAM masks over the cohort reaches this; otherwise it takes the classifier's.
+        features: matching features; the SAM encoder's when None, or e.g. ``Dinov2Features`` from a checkpoint.
+        match_points: positive and as many negative points per class for ``match``.
         progress: progress bars.
     """
 
     def __init__(
         self,
         sam: SamBackend,
-        trainer: WarpTrainer,
-        prompter: PromptGenerator,
-        strategy: str = "warp",
+        trainer: WarpTrainer | None = None,
+        prompter: PromptGenerator | None = None,
+        strategy: str = "fused",
         working_size: int = 128,
-        rounds: int = 1,
-        refine: int = 1,
+        rounds: int = 0,
+        refine: int = 0,
         refine_multimask: bool = False,
         pseudo_iou_weight: bool = True,
+        classifier: PatchClassifier | None = None,
+        self_training: int = 2,
+        agreement: float = 0.73,
+        features: Dinov2Features | None = None,
+        match_points: int = 8,
         progress: bool = True,
     ):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.sam, self.trainer, self.prompter = sam, trainer, prompter
+        if strategy in ("fused", "warp", "registration") and trainer is None:
+            raise ValueError(f"strategy {strategy!r} needs a warping trainer")
+        self.sam, self.trainer, self.prompter = sam, trainer, prompter or PromptGenerator()
         self.strategy, self.working_size = strategy, working_size
         self.rounds, self.refine, self.refine_multimask = rounds, refine, refine_multimask
         self.pseudo_iou_weight, self.progress = pseudo_iou_weight, progress
+        self.classifier = classifier or PatchClassifier()
+        self.self_training, self.agreement = self_training, agreement
+        self.features, self.match_points = features, match_points
         self.embeddings: dict[str, Embedding] = {}
+        self.feature_cache: dict[str, torch.Tensor] = {}
         self.timings: dict[str, float] = {}
+        self.decisions: dict[str, dict] = {}
 
     def _clock(self, stage: str, start: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.time() - start, 2)
@@ -92,6 +140,14 @@ class OneShotInferer(Inferer):
             self.embeddings[key] = self.sam.encode(image)
         return self.embeddings[key]
 
+    def patch_features(self, key: str, image: np.ndarray) -> torch.Tensor:
+        """(D, h, w) matching features: the SAM encoder's (cached embedding) or the given feature encoder's."""
+        if self.features is None:
+            return sam_patch_features(self.embed(key, image), self.sam.img_size)
+        if key not in self.feature_cache:
+            self.feature_cache[key] = self.features(image)
+        return self.feature_cache[key]
+
     def _working(self, image: np.ndarray) -> torch.Tensor:
         return to_working(torch.from_numpy(normalize_intensity(image))[None], self.working_size)
 
@@ -99,22 +155,37 @@ class OneShotInferer(Inferer):
         self, ref_image: np.ndarray, ref_label: np.ndarray, num_classes: int, targets: list[tuple[str, np.ndarray]]
     ) -> list[Prediction]:
         """Segment ``targets`` ((id, (H, W[, 3]) image) pairs) given the reference and its label (classes 1..C)."""
-        S = self.working_size
+        self.decisions = {}
         ref_onehot = one_hot(torch.from_numpy(ref_label), num_classes)
+        if self.strategy != "registration":
+            start = time.time()
+            for key, img in self._bar(targets, "SAM encoding"):
+                self.embed(key, img)
+            self._clock("sam_encoding_s", start)
+        if self.strategy == "match":
+            return self._matched(ref_image, ref_onehot, targets)
+        if self.strategy == "persam":
+            return self._persam(ref_image, ref_onehot, targets)
+        warped = self._warped(ref_image, ref_onehot, targets, num_classes)
+        if self.strategy != "fused":
+            return warped
+        start = time.time()
+        classified = self._classified(ref_image, ref_label, targets, num_classes)
+        self._clock("classifier_s", start)
+        return self.fuse(warped, classified)
+
+    # warp / registration --------------------------------------------------------------------------------------
+    def _warped(self, ref_image, ref_onehot, targets, num_classes) -> list[Prediction]:
+        S = self.working_size
         self.trainer.setup(
             self._working(ref_image),
             to_working(ref_onehot, S, mode="nearest"),
             torch.stack([self._working(img) for _, img in targets]),
         )
-        prototypes = None
         use_sam = self.strategy != "registration"
-        if use_sam:
-            start = time.time()
-            if self.prompter.num_points > 0:  # the reference is encoded only for the points' class prototypes
-                prototypes = class_prototypes(self.embed("__reference__", ref_image), ref_onehot[1:], self.sam.img_size)
-            for key, img in self._bar(targets, "SAM encoding"):
-                self.embed(key, img)
-            self._clock("sam_encoding_s", start)
+        prototypes = None
+        if use_sam and self.prompter.num_points > 0:  # the reference is encoded only for the points' prototypes
+            prototypes = class_prototypes(self.embed("__reference__", ref_image), ref_onehot[1:], self.sam.img_size)
         start = time.time()
         self.trainer.fit()
         self._clock("warp_training_s", start)
@@ -148,27 +219,169 @@ class OneShotInferer(Inferer):
         self.trainer.set_pseudo_labels(labels, weights)
         self.trainer.fit()
 
+    def _decode(
+        self, embedding: Embedding, prompts: Prompts, multimask: bool, logits: torch.Tensor, iou: torch.Tensor
+    ) -> None:
+        """SAM on the valid rows of ``prompts``; writes the best mask per row into ``logits`` / ``iou``."""
+        keep = prompts.valid
+        if not keep.any():
+            return
+        out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=multimask)
+        best = score.argmax(1)
+        rows = torch.arange(len(best))
+        logits[keep], iou[keep] = out[rows, best].cpu(), score[rows, best].cpu()
+
     @torch.no_grad()
     def segment(self, embedding: Embedding, probs: torch.Tensor, prototypes: torch.Tensor | None = None) -> Prediction:
         """SAM on prompts from (C, H, W) probabilities, then ``refine`` passes; classes without a mask stay empty."""
         C = probs.shape[0]
         logits = torch.full((C, *embedding.original_size), -20.0)
         iou = torch.zeros(C)
-        prompts = self.prompter(self.sam, embedding, probs, prototypes)
-        keep = prompts.valid
-        if not keep.any():
-            return Prediction(logits, iou)
-        out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=False)
-        logits[keep], iou[keep] = out[:, 0].cpu(), score[:, 0].cpu()
-        for _ in range(self.refine):
+        prompts = first = self.prompter(self.sam, embedding, probs, prototypes)
+        found = prompts.valid.clone()
+        self._decode(embedding, prompts, False, logits, iou)
+        for _ in range(self.refine if found.any() else 0):
             # SAM's answer, binarised, becomes the next mask prompt and box (raw SAM logits as a mask prompt
             # make LiteMedSAM drift: measured in docs/benchmarks.md)
             prompts = self.prompter(self.sam, embedding, (logits > 0).float(), prototypes)
-            keep = prompts.valid
-            if not keep.any():
-                break
-            out, score = self.sam.predict(embedding, **prompts.rows(keep), multimask=self.refine_multimask)
-            best = score.argmax(1)
-            rows = torch.arange(len(best))
-            logits[keep], iou[keep] = out[rows, best].cpu(), score[rows, best].cpu()
-        return Prediction(logits, iou)
+            self._decode(embedding, prompts, self.refine_multimask, logits, iou)
+        return Prediction(logits, iou, found, first)
+
+    # match / persam ----------------------------------------------------------------------------------------------
+    def _box_pass(self, embedding: Embedding, logits: torch.Tensor, iou: torch.Tensor, found: torch.Tensor) -> None:
+        """Second pass: the box of each class's first mask, multimask, best predicted IoU."""
+        masks = (logits > 0).numpy()
+        boxes = [mask_to_box(m) for m in masks]
+        valid = torch.tensor([b is not None for b in boxes]) & found
+        if valid.any():
+            box = torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32) for b in boxes]))
+            self._decode(embedding, Prompts(box, None, None, None, valid), True, logits, iou)
+
+    def _matched(self, ref_image, ref_onehot, targets) -> list[Prediction]:
+        start = time.time()
+        ref_feats = self.patch_features("__reference__", ref_image)
+        predictions = []
+        for key, img in self._bar(targets, "matching"):
+            emb = self.embeddings[key]
+            prompts = match_prompts(
+                ref_feats, ref_onehot[1:], self.patch_features(key, img), emb.original_size, self.match_points
+            )
+            C = prompts.valid.shape[0]
+            logits, iou = torch.full((C, *emb.original_size), -20.0), torch.zeros(C)
+            self._decode(emb, prompts, True, logits, iou)
+            self._box_pass(emb, logits, iou, prompts.valid)
+            predictions.append(Prediction(logits, iou, prompts.valid.clone(), prompts))
+        self._not_found(predictions)
+        self._clock("prompting_and_sam_decoding_s", start)
+        return predictions
+
+    def _persam(self, ref_image, ref_onehot, targets) -> list[Prediction]:
+        start = time.time()
+        masks = ref_onehot[1:]
+        prototypes = class_prototypes(self.embed("__reference__", ref_image), masks, self.sam.img_size)
+        has = masks.flatten(1).any(1)
+        predictions = []
+        for key, _ in self._bar(targets, "PerSAM"):
+            emb = self.embeddings[key]
+            prompts = persam_prompts(similarity_map(emb, prototypes, self.sam.img_size).cpu(), has)
+            C = has.shape[0]
+            logits, iou = torch.full((C, *emb.original_size), -20.0), torch.zeros(C)
+            self._decode(emb, prompts, True, logits, iou)
+            # cascaded refinement: the first mask (as a mask prompt) and its box join the two points
+            first = (logits > 0).float()
+            boxes = [mask_to_box(m) for m in first.numpy().astype(bool)]
+            valid = has & torch.tensor([b is not None for b in boxes])
+            box = torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32) for b in boxes]))
+            refined = Prompts(
+                box, prompts.points, prompts.point_labels, self.sam.mask_prompt(first, emb.original_size), valid
+            )
+            self._decode(emb, refined, True, logits, iou)
+            predictions.append(Prediction(logits, iou, has.clone(), prompts))
+        self._clock("prompting_and_sam_decoding_s", start)
+        return predictions
+
+    def _not_found(self, predictions: list[Prediction]) -> None:
+        missing = sum(int((~p.found).sum()) for p in predictions)
+        if missing:
+            logger.warning(
+                "%d class(es) over %d image(s) had no positive match and are left empty", missing, len(predictions)
+            )
+
+    # fused -------------------------------------------------------------------------------------------------------
+    def _classifier_masks(self, probs: torch.Tensor, embedding: Embedding) -> Prediction:
+        """SAM on the box of the most probable connected region of each class in a (C + 1, H, W) probability map."""
+        C = probs.shape[0] - 1
+        boxes = np.zeros((C, 4), np.float32)
+        valid = torch.zeros(C, dtype=torch.bool)
+        for c in range(C):
+            p = probs[c + 1].numpy()
+            regions, n = ndimage.label(p > 0.5)
+            if n == 0:
+                continue
+            mass = ndimage.sum(p, regions, index=np.arange(1, n + 1))
+            boxes[c] = mask_to_box(regions == int(np.argmax(mass)) + 1)
+            valid[c] = True
+        logits, iou = torch.full((C, *embedding.original_size), -20.0), torch.zeros(C)
+        prompts = Prompts(torch.from_numpy(boxes), None, None, None, valid)
+        self._decode(embedding, prompts, False, logits, iou)
+        return Prediction(logits, iou, valid, prompts)
+
+    def _classified(self, ref_image, ref_label, targets, num_classes) -> list[Prediction]:
+        def soft(label: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+            oh = one_hot(torch.from_numpy(label), num_classes)
+            return F.interpolate(oh[None].float(), size=grid, mode="area")[0]
+
+        base = []
+        for i, (img, lab) in enumerate([(ref_image, ref_label), *reference_views(ref_image, ref_label)]):
+            feats = self.patch_features(f"__reference_view{i}__", img)
+            base.append((feats, soft(lab, tuple(feats.shape[1:])), 1.0))
+        self.classifier.fit(base, num_classes)
+        predictions: list[Prediction] = []
+        for r in range(self.self_training + 1):
+            predictions, pseudo = [], []
+            for key, img in self._bar(targets, f"classifier round {r}"):
+                emb, feats = self.embeddings[key], self.patch_features(key, img)
+                pred = self._classifier_masks(self.classifier(feats, emb.original_size), emb)
+                predictions.append(pred)
+                pseudo.append(
+                    (
+                        feats,
+                        soft(pred.label(), tuple(feats.shape[1:])),
+                        float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0,
+                    )
+                )
+            if r < self.self_training:
+                self.classifier.fit(base + pseudo, num_classes)
+        return predictions
+
+    def fuse(self, warped: list[Prediction], classified: list[Prediction]) -> list[Prediction]:
+        """Per class, take the warp's masks when they agree with the classifier's over the cohort, else the latter's.
+
+        Agreement is the median Dice, over the targets, between the two SAM masks of a class. High agreement means
+        the anatomy sits where the warping puts it (e.g. chest X-rays), and the warp's mask prompt gives SAM a
+        better outline; low agreement means the structure moves or changes size (lesions, fetal heads) and the
+        warping lost it.
+        """
+        C = warped[0].logits.shape[0]
+        pw, pc = [p.masks() for p in warped], [p.masks() for p in classified]
+        use_warp = []
+        for c in range(C):
+            agree = float(np.median([_dice(a[c], b[c]) for a, b in zip(pw, pc)]))
+            use_warp.append(agree >= self.agreement)
+            self.decisions[f"class_{c + 1}"] = {
+                "agreement": round(agree, 3),
+                "source": "warp" if use_warp[-1] else "match",
+            }
+        logger.info("fused strategy, per class: %s", self.decisions)
+        pick = torch.tensor(use_warp)
+        out = []
+        for w, m in zip(warped, classified):
+            out.append(
+                Prediction(
+                    torch.where(pick[:, None, None], w.logits, m.logits),
+                    torch.where(pick, w.iou, m.iou),
+                    torch.where(pick, w.found, m.found),
+                    Prompts.choose(pick, w.prompts, m.prompts),
+                )
+            )
+        return out

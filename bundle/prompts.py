@@ -12,9 +12,18 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from bundle.features import sam_patch_features
 from bundle.sam import Embedding, SamBackend
 
-__all__ = ["Prompts", "PromptGenerator", "mask_to_box", "class_prototypes", "similarity_map", "select_points"]
+__all__ = [
+    "Prompts",
+    "PromptGenerator",
+    "mask_to_box",
+    "class_prototypes",
+    "similarity_map",
+    "select_points",
+    "persam_prompts",
+]
 
 
 @dataclass
@@ -37,6 +46,27 @@ class Prompts:
             "mask_logits": pick(self.mask_logits),
         }
 
+    @staticmethod
+    def choose(pick: torch.Tensor, a: Prompts | None, b: Prompts | None) -> Prompts | None:
+        """Rows of ``a`` where ``pick`` (C,) is True, rows of ``b`` elsewhere (for pictures of the fused strategy).
+
+        A prompt kind is kept only when both sides have it in the same shape."""
+        if a is None or b is None:
+            return None
+
+        def merge(x, y):
+            if x is None or y is None or x.shape[1:] != y.shape[1:]:
+                return None
+            return torch.where(pick.view(-1, *([1] * (x.dim() - 1))), x, y)
+
+        return Prompts(
+            merge(a.boxes, b.boxes),
+            merge(a.points, b.points),
+            merge(a.point_labels, b.point_labels),
+            merge(a.mask_logits, b.mask_logits),
+            torch.where(pick, a.valid, b.valid),
+        )
+
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
     """Tight (x0, y0, x1, y1) box of a boolean (H, W) mask, None when empty."""
@@ -48,18 +78,9 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
     return np.array([x0, y0, x1, y1], dtype=np.float32)
 
 
-def _image_features(embedding: Embedding, img_size: int) -> torch.Tensor:
-    """L2-normalised encoder features over the part of the padded frame the image occupies: (D, h, w)."""
-    feats = embedding.features[0]
-    grid = feats.shape[-1]
-    h = max(1, int(round(embedding.input_size[0] * grid / img_size)))
-    w = max(1, int(round(embedding.input_size[1] * grid / img_size)))
-    return F.normalize(feats[:, :h, :w], dim=0)
-
-
 def class_prototypes(embedding: Embedding, masks: torch.Tensor, img_size: int) -> torch.Tensor:
     """Mean L2-normalised encoder feature inside each (C, H, W) mask: (C, D). Zero rows for empty masks."""
-    f = _image_features(embedding, img_size)
+    f = sam_patch_features(embedding, img_size)
     m = F.interpolate(masks[:, None].float().to(f.device), size=f.shape[1:], mode="area")[:, 0]
     proto = torch.einsum("dhw,chw->cd", f, m) / m.sum((1, 2)).clamp_min(1e-6)[:, None]
     return F.normalize(proto, dim=1)
@@ -67,7 +88,7 @@ def class_prototypes(embedding: Embedding, masks: torch.Tensor, img_size: int) -
 
 def similarity_map(embedding: Embedding, prototypes: torch.Tensor, img_size: int) -> torch.Tensor:
     """Cosine similarity of every pixel's encoder feature to each prototype, in the image frame: (C, H, W)."""
-    f = _image_features(embedding, img_size)
+    f = sam_patch_features(embedding, img_size)
     sim = torch.einsum("dhw,cd->chw", f, prototypes.to(f))
     return F.interpolate(sim[None], size=embedding.original_size, mode="bilinear", align_corners=False)[0]
 
@@ -153,3 +174,19 @@ class PromptGenerator:
             pts[c, : len(pos)], lab[c, : len(pos)] = pos, 1
             pts[c, n : n + len(neg)], lab[c, n : n + len(neg)] = neg, 0
         return torch.from_numpy(pts), torch.from_numpy(lab)
+
+
+def persam_prompts(sim: torch.Tensor, valid: torch.Tensor) -> Prompts:
+    """PerSAM's prompts: per class the most (positive) and least (negative) prototype-similar pixel.
+
+    Args:
+        sim: (C, H, W) cosine similarity to each class prototype.
+        valid: (C,) classes that have a prototype (a non-empty reference mask).
+    """
+    C, H, W = sim.shape
+    flat = sim.reshape(C, -1)
+    best, worst = flat.argmax(1), flat.argmin(1)
+    xy = lambda i: torch.stack([i % W, i // W], dim=1).float()  # noqa: E731
+    points = torch.stack([xy(best), xy(worst)], dim=1)
+    labels = torch.tensor([[1, 0]]).repeat(C, 1)
+    return Prompts(None, points, labels, None, valid.clone())

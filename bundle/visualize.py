@@ -7,7 +7,7 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["overlay", "save_overlay", "montage"]
+__all__ = ["overlay", "draw_prompts", "save_overlay", "montage"]
 
 # distinct colours (RGB) for up to 8 classes; cycled beyond
 _COLOURS = [
@@ -66,6 +66,28 @@ def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None 
             max(1, thick),
             cv2.LINE_AA,
         )
+    return out
+
+
+def draw_prompts(
+    picture: np.ndarray, boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None
+) -> np.ndarray:
+    """Boxes (N, 4) as yellow rectangles; points (N, P, 2) as green (positive) and red (negative) markers."""
+    out = picture.copy()
+    thick = max(1, round(max(out.shape[:2]) / 256))
+    size = 4 * thick + 4
+    for box in boxes if boxes is not None else []:
+        if np.any(box):
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            cv2.rectangle(out, (x0, y0), (x1, y1), (255, 220, 0), thick)
+    if points is not None:
+        for pts, labs in zip(points, labels):
+            for (x, y), lab in zip(pts, labs):
+                if lab < 0:
+                    continue
+                marker = cv2.MARKER_CROSS if lab == 1 else cv2.MARKER_TILTED_CROSS
+                colour = (0, 255, 0) if lab == 1 else (255, 40, 40)
+                cv2.drawMarker(out, (int(round(x)), int(round(y))), colour, marker, size, thick + 1)
     return out
 
 

@@ -158,7 +158,7 @@ class OneShotSegmentation:
         predictions = self.inferer(ref_image, ref_index, len(class_values), [(c.id, img) for c, img in loaded])
 
         values = np.array([0, *class_values], dtype=np.int64)
-        rows, pictures = [], []
+        rows, pictures, not_found = [], [], []
         pred_dir = os.path.join(self.output_dir, "predictions")
         for k, ((case, image), pred) in enumerate(zip(loaded, predictions)):
             label = pred.label()
@@ -171,6 +171,9 @@ class OneShotSegmentation:
                     truth = to_class_index(read_label(case.label_path), class_values)
                 except Exception as e:  # noqa: BLE001
                     logger.warning("label of %s unreadable, not scored: %s", case.id, e)
+            missing = [n for n, f in zip(class_names, pred.found.tolist()) if not f]
+            if missing:
+                not_found.append({"id": case.id, "classes": missing})
             if truth is not None and truth.shape == label.shape:
                 scores = class_scores(label, truth, len(class_values))
                 rows.append({"id": case.id, **scores})
@@ -181,11 +184,12 @@ class OneShotSegmentation:
         if pictures:
             save_overlay(os.path.join(self.output_dir, "overlays", "montage.png"), montage(pictures))
         seconds = time.time() - start
-        summary = self._write(rows, errors, class_names, len(loaded), seconds, reference)
+        extra = {"not_found": not_found, "strategy_decisions": dict(getattr(self.inferer, "decisions", {}))}
+        summary = self._write(rows, errors, class_names, len(loaded), seconds, reference, extra)
         self._print(summary)
         return summary
 
-    def _write(self, rows, errors, class_names, num_images, seconds, reference) -> dict[str, Any]:
+    def _write(self, rows, errors, class_names, num_images, seconds, reference, extra) -> dict[str, Any]:
         with open(os.path.join(self.output_dir, "metrics.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id"] + [f"dice_{n}" for n in class_names] + [f"iou_{n}" for n in class_names])
@@ -209,6 +213,7 @@ class OneShotSegmentation:
             "seconds_per_image": round(seconds / max(num_images, 1), 3),
             "peak_memory_mb": round(peak, 1),
             "seconds_by_stage": dict(getattr(self.inferer, "timings", {})),
+            **extra,
             "settings": self.settings,
         }
         tmp = os.path.join(self.output_dir, "summary.json.part")

@@ -1,7 +1,8 @@
 """Benchmark the bundle against classical single-atlas label propagation (elastix, ANTs SyN) on the same images.
 
-    python scripts/benchmark.py --dataset_dir ../shared/data/jsrt --num_images 40 [--methods bundle elastix ants]
-        [--set key=value ...] [--markdown docs/benchmarks.md]
+    python scripts/benchmark.py --dataset_dir ../shared/data/{jsrt,hc18,ph2} --num_images 40
+        [--methods bundle elastix ants] [--strategies warp match persam registration]
+        [--set key=value ...] [--variant name:key=value,...] [--markdown docs/benchmarks.md]
 
 Reference = first labelled case by sorted image name; the next ``num_images`` cases are the test set. Prints one
 table (method, Dice per class, mean Dice, mean IoU, seconds per image, peak memory) and, with ``--markdown``,
@@ -27,6 +28,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bundle.inferer import STRATEGIES  # noqa: E402
 from bundle.io import load_datalist, read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores, summarize  # noqa: E402
 from bundle.transforms import normalize_intensity  # noqa: E402
@@ -57,6 +59,14 @@ def run_bundle(dataset_dir: str, num_images: int, overrides: dict, output_dir: s
     summary = parser.get_parsed_content("workflow").run()
     summary.pop("settings", None)
     return summary
+
+
+def _default(key: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    return parser[key]
 
 
 def _propagate(name: str, fixed: np.ndarray, moving: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -165,9 +175,12 @@ def write_markdown(path: str, dataset: str, command: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--dataset_dir", nargs="+", required=True, help="one or more dataset folders")
     p.add_argument("--num_images", type=int, default=40)
     p.add_argument("--methods", nargs="*", default=["bundle", "elastix", "ants"], choices=["bundle", "elastix", "ants"])
+    p.add_argument(
+        "--strategies", nargs="*", default=[], choices=STRATEGIES, help="extra bundle rows, one per strategy"
+    )
     p.add_argument("--set", nargs="*", default=[], help="config overrides for the bundle, key=value (JSON values)")
     p.add_argument("--variant", action="append", default=[], help="extra bundle rows: name:key=value,key=value")
     p.add_argument("--output_dir", default=None)
@@ -176,43 +189,51 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
-    dataset = os.path.basename(os.path.normpath(args.dataset_dir))
-    out_root = args.output_dir or tempfile.mkdtemp(prefix=f"bench_{dataset}_")
-    variants = []
+    out_root = args.output_dir or tempfile.mkdtemp(prefix="bench_")
+    variants = [(f"{s}", {"strategy": s}) for s in args.strategies]
     for variant in args.variant:  # parse every variant before any work, so a typo costs nothing
         name, sep, spec = variant.partition(":")
         pairs = [kv.split("=", 1) for kv in spec.split(",") if kv]
         if not sep or not name or any(len(kv) != 2 for kv in pairs):
             p.error(f"--variant {variant!r}: expected name:key=value[,key=value] (no ':' in the name)")
         variants.append((name, {k: _value(v) for k, v in pairs}))
+    command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    everything = {}
+    for dataset_dir in args.dataset_dir:
+        dataset = os.path.basename(os.path.normpath(dataset_dir))
+        out = os.path.join(out_root, dataset)
+        results = run_dataset(dataset_dir, args.num_images, args.methods, overrides, variants, out)
+        if args.markdown:
+            title = args.title or dataset
+            if args.title and len(args.dataset_dir) > 1:
+                title = f"{args.title} ({dataset})"
+            note = f"\n\n({args.num_images} test images; 2-core CPU)"
+            write_markdown(args.markdown, title, command, table(results) + note)
+        everything[dataset] = results
+    return everything
+
+
+def run_dataset(dataset_dir: str, num_images: int, methods, overrides: dict, variants, out_root: str) -> dict:
+    """Every requested method and bundle variant on one dataset; prints the table after each row."""
+    default_strategy = overrides.get("strategy", _default("strategy"))
     results: dict[str, dict] = {}
-    for method in args.methods:
+    for method in methods:
         if method == "bundle":
-            results["bundle (default config)"] = _isolated(
-                run_bundle,
-                args.dataset_dir,
-                args.num_images,
-                {"progress": False, **overrides},
-                os.path.join(out_root, "bundle"),
+            results[f"bundle, {default_strategy} (default config)"] = _isolated(
+                run_bundle, dataset_dir, num_images, {"progress": False, **overrides}, os.path.join(out_root, "bundle")
             )
         else:
-            results[method] = _isolated(run_classical, method, args.dataset_dir, args.num_images)
+            results[method] = _isolated(run_classical, method, dataset_dir, num_images)
         print(table(results), flush=True)
     for name, extra in variants:
-        results[f"bundle ({name})"] = _isolated(
+        results[f"bundle, {name}"] = _isolated(
             run_bundle,
-            args.dataset_dir,
-            args.num_images,
+            dataset_dir,
+            num_images,
             {"progress": False, **overrides, **extra},
             os.path.join(out_root, "".join(ch if ch.isalnum() else "_" for ch in name)),
         )
         print(table(results), flush=True)
-    text = table(results)
-    if args.markdown:
-        command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        write_markdown(
-            args.markdown, args.title or dataset, command, text + f"\n\n({args.num_images} test images; 2-core CPU)"
-        )
     return results
 
 

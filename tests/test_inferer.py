@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from bundle.engine import WarpTrainer
 from bundle.inferer import OneShotInferer
@@ -36,6 +37,7 @@ def test_every_image_is_encoded_once_across_rounds(lite_medsam, rounds, refine, 
         lite_medsam,
         trainer,
         PromptGenerator(num_points=2),
+        strategy="warp",
         working_size=64,
         rounds=rounds,
         refine=refine,
@@ -64,3 +66,75 @@ def test_registration_strategy_needs_no_sam_encoding(lite_medsam, monkeypatch):
 def test_unknown_strategy_is_refused(lite_medsam):
     with pytest.raises(ValueError, match="strategy"):
         OneShotInferer(lite_medsam, None, PromptGenerator(), strategy="magic")
+    with pytest.raises(ValueError, match="warping trainer"):
+        OneShotInferer(lite_medsam, None, strategy="fused")
+
+
+def _moving_cohort(size=(96, 128)):
+    """A bright textured disk that moves and changes size from image to image (where warping struggles)."""
+    rng = np.random.default_rng(0)
+
+    def case(centre, radius):
+        label = disk(size, centre, radius).astype(np.int64)
+        image = 40 + 10 * rng.standard_normal(size) + label * (150 + 20 * np.sin(np.arange(size[1]) / 2.0))
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case((30, 35), 14)
+    targets = [(f"t{i}", case(c, r)) for i, (c, r) in enumerate([((65, 95), 18), ((40, 90), 10), ((62, 30), 16)])]
+    return ref_image, ref_label, targets
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.mark.parametrize("strategy", ["match", "persam"])
+def test_feature_strategies_find_a_moving_object(lite_medsam, strategy):
+    ref_image, ref_label, targets = _moving_cohort()
+    inferer = OneShotInferer(lite_medsam, strategy=strategy, progress=False)
+    preds = inferer(ref_image, ref_label, 1, [(k, img) for k, (img, _) in targets])
+    for (_, (_, truth)), pred in zip(targets, preds):
+        assert pred.found.tolist() == [True]
+        points, labels = pred.prompts.points[0].round().long(), pred.prompts.point_labels[0]
+        pos, neg = points[labels == 1], points[labels == 0]
+        assert len(pos) >= 1 and len(neg) >= 1
+        assert truth[pos[:, 1], pos[:, 0]].all()  # (x, y) points land inside the moved object...
+        assert not truth[neg[:, 1], neg[:, 0]].any()  # ...and negatives outside it
+        assert pred.label().shape == truth.shape and (pred.label() == 1).any()
+
+
+def test_match_reports_a_class_without_reference_pixels_as_not_found(lite_medsam):
+    ref_image, ref_label, targets = _moving_cohort()
+    inferer = OneShotInferer(lite_medsam, strategy="match", progress=False)
+    # class 2 is declared but has no reference pixel: no positive match can exist for it
+    preds = inferer(ref_image, ref_label, 2, [(k, img) for k, (img, _) in targets])
+    for pred in preds:
+        assert pred.found.tolist() == [True, False]
+        assert not (pred.label() == 2).any()
+
+
+def test_fused_strategy_takes_the_classifier_where_the_object_moves(lite_medsam):
+    ref_image, ref_label, targets = _moving_cohort()
+    trainer = WarpTrainer(
+        WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=10, progress=False
+    )
+    inferer = OneShotInferer(lite_medsam, trainer, working_size=64, progress=False)
+    preds = inferer(ref_image, ref_label, 1, [(k, img) for k, (img, _) in targets])
+    assert inferer.decisions["class_1"]["source"] == "match", inferer.decisions
+    assert np.mean([_dice(p.label() == 1, t == 1) for (_, (_, t)), p in zip(targets, preds)]) > 0.8
+
+
+def test_fuse_picks_the_source_per_class_by_cohort_agreement(lite_medsam):
+    from bundle.inferer import Prediction
+
+    def pred(masks):
+        logits = torch.where(torch.from_numpy(np.stack(masks)), 5.0, -5.0)
+        return Prediction(logits, torch.ones(len(masks)))
+
+    a, b, far = disk((40, 40), (12, 12), 6), disk((40, 40), (13, 12), 6), disk((40, 40), (30, 30), 6)
+    warped = [pred([a, a]), pred([a, a])]
+    classified = [pred([b, far]), pred([b, far])]  # class 1 agrees with the warp, class 2 does not
+    fused = OneShotInferer(lite_medsam, strategy="match").fuse(warped, classified)
+    for p in fused:
+        assert (p.label() == 1).sum() > 0 and _dice(p.label() == 1, a) == 1.0
+        assert _dice(p.label() == 2, far) == 1.0

@@ -1,0 +1,117 @@
+"""A per-cohort patch classifier on frozen encoder features: learned prototypes for the fused strategy.
+
+Trained at test time on the reference (and augmented copies of it), then on SAM's answers for the targets weighted
+by SAM's confidence (self-training). Its class-probability map says where each structure is in a target, wherever
+it sits, which is what warping cannot say when anatomy moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Affine
+
+__all__ = ["PatchClassifier", "reference_views"]
+
+
+def reference_views(
+    image: np.ndarray, label: np.ndarray, views: list[tuple[float, float, bool]] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Scaled / rotated / mirrored copies of the reference (image (H, W[, 3]), label (H, W)).
+
+    ``views`` holds (scale, rotation in degrees, horizontal flip) triples; the default spans 0.6-1.6x, +-90 deg.
+    """
+    views = views or [(0.6, 0, False), (0.8, 20, False), (1.25, -20, False), (1.6, 0, False), (1.0, 0, True)]
+    img = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    img = img.permute(2, 0, 1) if img.ndim == 3 else img[None]
+    lab = torch.from_numpy(np.asarray(label, dtype=np.float32))[None]
+    out = []
+    for scale, degrees, flip in views:
+        # Affine's scale_params shrink the content for values > 1; the inverse keeps "scale" meaning zoom
+        affine = Affine(
+            rotate_params=np.deg2rad(degrees), scale_params=(1 / scale, 1 / scale), padding_mode="reflection"
+        )
+        im = affine(img, mode="bilinear")[0]
+        lb = affine(lab, mode="nearest", padding_mode="zeros")[0]
+        im, lb = np.asarray(im), np.asarray(lb)[0]
+        if flip:
+            im, lb = im[..., ::-1], lb[:, ::-1]
+        im = im.transpose(1, 2, 0) if im.shape[0] == 3 else im[0]
+        out.append((np.ascontiguousarray(im), np.ascontiguousarray(np.rint(lb).astype(np.int64))))
+    return out
+
+
+class PatchClassifier:
+    """Softmax over background + C classes from (D, h, w) features, a two-layer 1x1-conv head.
+
+    Args:
+        hidden: hidden channels.
+        iterations: optimisation steps per fit.
+        pixels_per_map: patches sampled from each feature map (half from labelled structures where present).
+        lr, weight_decay: AdamW settings.
+        seed: makes the sampling and initialisation repeatable.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        iterations: int = 300,
+        pixels_per_map: int = 1024,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-2,
+        seed: int = 0,
+    ):
+        self.hidden, self.iterations, self.pixels_per_map = hidden, iterations, pixels_per_map
+        self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+        self.head: torch.nn.Module | None = None
+
+    def _sample(self, feats: torch.Tensor, soft: torch.Tensor, gen: torch.Generator):
+        D = feats.shape[0]
+        x, y = feats.reshape(D, -1).T, soft.reshape(soft.shape[0], -1).T
+        n = min(self.pixels_per_map, x.shape[0])
+        inside = torch.nonzero(y[:, 1:].sum(1) > 0.5)[:, 0]
+        k = min(len(inside), n // 2)
+        pick = torch.cat(
+            [inside[torch.randperm(len(inside), generator=gen)[:k]], torch.randperm(x.shape[0], generator=gen)[: n - k]]
+        )
+        return x[pick], y[pick]
+
+    def fit(self, samples: list[tuple[torch.Tensor, torch.Tensor, float]], num_classes: int) -> "PatchClassifier":
+        """Train from (features (D, h, w), one-hot soft labels (C + 1, h, w), weight) triples."""
+        gen = torch.Generator().manual_seed(self.seed)
+        xs, ys, ws = [], [], []
+        for feats, soft, weight in samples:
+            if weight <= 0:
+                continue
+            x, y = self._sample(feats.float().cpu(), soft.float().cpu(), gen)
+            xs.append(x)
+            ys.append(y)
+            ws.append(torch.full((len(x),), float(weight)))
+        x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
+        torch.manual_seed(self.seed)
+        head = torch.nn.Sequential(
+            torch.nn.Linear(x.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Linear(self.hidden, num_classes + 1)
+        )
+        # rarer classes weigh more (square root of the inverse frequency, at most x20)
+        freq = (y * w[:, None]).sum(0)
+        class_w = (freq.sum() / freq.clamp_min(1e-6)).clamp(1, 400).sqrt()
+        opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        with torch.enable_grad():
+            for _ in range(self.iterations):
+                opt.zero_grad()
+                logp = F.log_softmax(head(x), dim=1)
+                loss = -((y * logp * class_w).sum(1) * w).sum() / w.sum()
+                loss.backward()
+                opt.step()
+        self.head = head.eval()
+        return self
+
+    @torch.no_grad()
+    def __call__(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Class probabilities (C + 1, H, W) in the image frame from (D, h, w) features."""
+        if self.head is None:
+            raise RuntimeError("PatchClassifier.fit must run before prediction")
+        D, h, w = feats.shape
+        p = torch.softmax(self.head(feats.float().cpu().reshape(D, -1).T), dim=1).T.reshape(-1, h, w)
+        return F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0]
