@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.classifier import PatchClassifier
 from bundle.engine import WarpTrainer
 from bundle.inferer import OneShotInferer
 from bundle.losses import WarpingLoss
@@ -118,7 +119,10 @@ def test_fused_strategy_takes_the_classifier_where_the_object_moves(lite_medsam)
     trainer = WarpTrainer(
         WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=10, progress=False
     )
-    inferer = OneShotInferer(lite_medsam, trainer, working_size=64, progress=False)
+    classifier = PatchClassifier(iterations=100)
+    inferer = OneShotInferer(
+        lite_medsam, trainer, working_size=64, classifier=classifier, self_training=1, progress=False
+    )
     preds = inferer(ref_image, ref_label, 1, [(k, img) for k, (img, _) in targets])
     assert inferer.decisions["class_1"]["source"] == "match", inferer.decisions
     assert np.mean([_dice(p.label() == 1, t == 1) for (_, (_, t)), p in zip(targets, preds)]) > 0.8
