@@ -28,7 +28,15 @@ from bundle.classifier import PatchClassifier, reference_views
 from bundle.engine import WarpTrainer
 from bundle.features import Dinov2Features, sam_patch_features
 from bundle.matching import match_prompts
-from bundle.prompts import PromptGenerator, Prompts, class_prototypes, mask_to_box, persam_prompts, similarity_map
+from bundle.prompts import (
+    PromptGenerator,
+    Prompts,
+    class_prototypes,
+    mask_to_box,
+    masks_to_boxes,
+    persam_prompts,
+    similarity_map,
+)
 from bundle.sam import Embedding, SamBackend
 from bundle.transforms import from_working, normalize_intensity, one_hot, to_working
 
@@ -250,11 +258,9 @@ class OneShotInferer(Inferer):
     # match / persam ----------------------------------------------------------------------------------------------
     def _box_pass(self, embedding: Embedding, logits: torch.Tensor, iou: torch.Tensor, found: torch.Tensor) -> None:
         """Second pass: the box of each class's first mask, multimask, best predicted IoU."""
-        masks = (logits > 0).numpy()
-        boxes = [mask_to_box(m) for m in masks]
-        valid = torch.tensor([b is not None for b in boxes]) & found
+        box, valid = masks_to_boxes((logits > 0).numpy())
+        valid &= found
         if valid.any():
-            box = torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32) for b in boxes]))
             self._decode(embedding, Prompts(box, None, None, None, valid), True, logits, iou)
 
     def _matched(self, ref_image, ref_onehot, targets) -> list[Prediction]:
@@ -289,9 +295,8 @@ class OneShotInferer(Inferer):
             self._decode(emb, prompts, True, logits, iou)
             # cascaded refinement: the first mask (as a mask prompt) and its box join the two points
             first = (logits > 0).float()
-            boxes = [mask_to_box(m) for m in first.numpy().astype(bool)]
-            valid = has & torch.tensor([b is not None for b in boxes])
-            box = torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32) for b in boxes]))
+            box, valid = masks_to_boxes(first.numpy().astype(bool))
+            valid &= has
             refined = Prompts(
                 box, prompts.points, prompts.point_labels, self.sam.mask_prompt(first, emb.original_size), valid
             )

@@ -19,6 +19,7 @@ __all__ = [
     "Prompts",
     "PromptGenerator",
     "mask_to_box",
+    "masks_to_boxes",
     "class_prototypes",
     "similarity_map",
     "select_points",
@@ -76,6 +77,13 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
     y0, y1 = np.nonzero(rows)[0][[0, -1]]
     x0, x1 = np.nonzero(cols)[0][[0, -1]]
     return np.array([x0, y0, x1, y1], dtype=np.float32)
+
+
+def masks_to_boxes(masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (C, 4) of boolean (C, H, W) masks and which masks are non-empty (C,); empty masks get a zero box."""
+    boxes = [mask_to_box(m) for m in masks]
+    valid = torch.tensor([b is not None for b in boxes], dtype=torch.bool)
+    return torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32) for b in boxes])), valid
 
 
 def class_prototypes(embedding: Embedding, masks: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -144,11 +152,7 @@ class PromptGenerator:
         """Prompts from (C, H, W) foreground probabilities."""
         masks = (probs > self.threshold).cpu().numpy()
         valid = torch.tensor([m.any() for m in masks])
-        boxes = None
-        if self.use_box:
-            boxes = torch.tensor(
-                np.stack([b if (b := mask_to_box(m)) is not None else np.zeros(4, np.float32) for m in masks])
-            )
+        boxes = masks_to_boxes(masks)[0] if self.use_box else None
         mask_logits = None
         if self.use_mask:
             mask_logits = sam.mask_prompt(probs, embedding.original_size, self.mask_logit)
