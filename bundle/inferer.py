@@ -338,7 +338,8 @@ class OneShotInferer(Inferer):
 
         base = []
         for i, (img, lab) in enumerate([(ref_image, ref_label), *reference_views(ref_image, ref_label)]):
-            feats = self.patch_features(f"__reference_view{i}__", img)
+            # view 0 is the reference itself: same cache key as the warp prototypes and match / persam use
+            feats = self.patch_features("__reference__" if i == 0 else f"__reference_view{i}__", img)
             base.append((feats, soft(lab, tuple(feats.shape[1:])), 1.0))
         self.classifier.fit(base, num_classes)
         predictions: list[Prediction] = []
