@@ -1,0 +1,301 @@
+import json
+import os
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from bundle.dicom import (
+    ALGORITHM_NAME,
+    SERIES_DESCRIPTION,
+    dicom_pixels,
+    read_dicom_datasets,
+    read_dicom_series,
+    sort_slices,
+    write_dicom_seg,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS, COLS, SLICES = 96, 128, 3
+# an oblique orientation: unit row and column directions, orthogonal to each other
+ROW_DIR = np.array([np.cos(0.5), np.sin(0.5), 0.0])
+COL_DIR = np.array([-np.sin(0.5) * np.cos(0.3), np.cos(0.5) * np.cos(0.3), -np.sin(0.3)])
+NORMAL = np.cross(ROW_DIR, COL_DIR)
+ORIGIN = np.array([-40.0, 25.0, 110.0])
+THICKNESS = 5.0
+
+
+def _testdata(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not shipped with this pydicom")
+    return path
+
+
+def _version() -> str:
+    with open(os.path.join(ROOT, "configs", "metadata.json")) as f:
+        return json.load(f)["version"]
+
+
+def _geometry(ds, frame: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(position, row direction, column direction, (row spacing, column spacing)) of a plane or of one frame."""
+    if frame is None:
+        ipp, iop, spacing = ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+    else:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        per = ds.PerFrameFunctionalGroupsSequence[frame]
+
+        def group(name):
+            return (per if name in per else shared)[name][0]
+
+        ipp = group("PlanePositionSequence").ImagePositionPatient
+        iop = group("PlaneOrientationSequence").ImageOrientationPatient
+        spacing = group("PixelMeasuresSequence").PixelSpacing
+    iop = np.asarray(iop, float)
+    return np.asarray(ipp, float), iop[:3], iop[3:], np.asarray(spacing, float)
+
+
+def _to_patient(geometry, r: int, c: int) -> np.ndarray:
+    ipp, row_dir, col_dir, spacing = geometry
+    return ipp + c * spacing[1] * row_dir + r * spacing[0] * col_dir
+
+
+def _to_pixel(geometry, point: np.ndarray) -> tuple[float, float, float]:
+    """(row, column, distance from the plane) of a patient point."""
+    ipp, row_dir, col_dir, spacing = geometry
+    d = point - ipp
+    return d @ col_dir / spacing[0], d @ row_dir / spacing[1], d @ np.cross(row_dir, col_dir)
+
+
+def _make_series(folder) -> list[pydicom.Dataset]:
+    """Three oblique CT slices from CT_small, cropped to 96 x 128, in position order k = 0, 1, 2.
+
+    Slice k holds CT_small's pixels plus 100 * k; instance numbers and file names do not follow the position order.
+    """
+    folder.mkdir(exist_ok=True)
+    pixels = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array[:ROWS, :COLS]
+    series_uid = generate_uid()
+    slices = []
+    for k, (instance, name) in enumerate(zip([2, 3, 1], ["b.dcm", "c.dcm", "a.dcm"])):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = instance
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*ROW_DIR, *COL_DIR)]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in ORIGIN + k * THICKNESS * NORMAL]
+        ds.SliceThickness = THICKNESS
+        ds.Rows, ds.Columns = ROWS, COLS
+        ds.PixelData = (pixels + 100 * k).astype(np.int16).tobytes()
+        ds.save_as(folder / name)
+        slices.append(pydicom.dcmread(folder / name))
+    return slices
+
+
+def _series_label() -> np.ndarray:
+    """Class 1 in a different top-left block on each slice; class 2 only on slice 0, bottom right."""
+    label = np.zeros((SLICES, ROWS, COLS), np.uint8)
+    for k in range(SLICES):
+        label[k, 4 + 20 * k : 9 + 20 * k, 6 + 30 * k : 14 + 30 * k] = 1
+    label[0, 80:90, 100:120] = 2
+    return label
+
+
+def _source_uid(frame_item) -> tuple[str, int | None]:
+    ref = frame_item.DerivationImageSequence[0].SourceImageSequence[0]
+    frames = ref.get("ReferencedFrameNumber")
+    return ref.ReferencedSOPInstanceUID, (int(frames) if frames is not None else None)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm"])
+def test_single_frame_seg_reads_back_and_overlays(tmp_path, name):
+    source = pydicom.dcmread(get_testdata_file(name))
+    rows, cols = int(source.Rows), int(source.Columns)
+    label = np.zeros((rows, cols), np.int64)
+    label[3:10, 20:40] = 1  # top-left, wider than tall: a transpose or flip moves it
+    label[rows - 10 : rows - 4, 2:6] = 3
+    names = {1: "lung", 3: "heart", 5: "absent"}
+    assert dicom_pixels(source).shape[:3] == (1, rows, cols)
+    out = write_dicom_seg(label, source, names, str(tmp_path / "out" / "seg.dcm"))
+
+    assert out == str(tmp_path / "out" / "seg.dcm")
+    assert os.listdir(tmp_path / "out") == ["seg.dcm"]
+    seg = hd.seg.segread(out)
+    assert seg.SOPClassUID == pydicom.uid.SegmentationStorage
+    assert seg.SegmentationType == "BINARY"
+    assert seg.SeriesDescription == SERIES_DESCRIPTION
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.PatientID == source.PatientID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart", "absent"]
+    for item in seg.SegmentSequence:
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == ALGORITHM_NAME
+        assert algorithm.AlgorithmVersion == _version()
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "85756007"
+    assert [uid for _, _, uid in seg.get_source_image_uids()] == [source.SOPInstanceUID]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        assert _source_uid(frame)[0] == source.SOPInstanceUID
+
+    masks = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1, 2, 3])
+    assert masks.shape == (1, rows, cols, 3)
+    np.testing.assert_array_equal(masks[0, ..., 0], label == 1)
+    np.testing.assert_array_equal(masks[0, ..., 1], label == 3)
+    assert not masks[..., 2].any()
+    assert masks[0, 5, 25, 0] == 1 and masks[0, 25, 5, 0] == 0
+    assert masks[0, rows - 5, 3, 1] == 1 and masks[0, 4, 3, 1] == 0
+
+
+def test_slices_sorted_along_the_normal(tmp_path):
+    made = _make_series(tmp_path / "series")
+    (tmp_path / "series" / "README.txt").write_text("not DICOM, skipped")
+    datasets, volume = read_dicom_series(str(tmp_path / "series"))
+
+    assert [d.SOPInstanceUID for d in datasets] == [d.SOPInstanceUID for d in made]
+    positions = [np.asarray(d.ImagePositionPatient, float) @ NORMAL for d in datasets]
+    assert positions == sorted(positions) and positions[0] < positions[-1]
+    assert volume.shape == (SLICES, ROWS, COLS) and volume.dtype == np.float32
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for k in range(SLICES):
+        expected = (ct.pixel_array[:ROWS, :COLS] + 100 * k) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+        np.testing.assert_array_equal(volume[k], expected)
+
+    by_instance = sort_slices(list(reversed(datasets)), by="instance")
+    assert [int(d.InstanceNumber) for d in by_instance] == [1, 2, 3]
+    for d in made:
+        del d.ImagePositionPatient
+    assert [int(d.InstanceNumber) for d in sort_slices(made)] == [1, 2, 3]
+
+
+def test_series_seg_frames_point_to_their_slices(tmp_path):
+    made = _make_series(tmp_path / "series")  # in position order, as the label
+    datasets, _ = read_dicom_series(str(tmp_path / "series"))
+    label = _series_label()
+    path = write_dicom_seg(label, datasets, ["organ", "lesion"], str(tmp_path / "seg.dcm"), version="9.9")
+
+    seg = pydicom.dcmread(path)
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "9.9"
+    by_uid = {d.SOPInstanceUID: (k, d) for k, d in enumerate(made)}
+    frames = seg.pixel_array.reshape(-1, ROWS, COLS)
+    assert len(frames) == SLICES + 1  # class 1 on every slice, class 2 on slice 0; empty frames omitted
+    seen = set()
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid, _ = _source_uid(item)
+        k, source = by_uid[uid]
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        seen.add((k, segment))
+        np.testing.assert_array_equal(frames[i], label[k] == segment)
+        seg_geometry, src_geometry = _geometry(seg, i), _geometry(source)
+        np.testing.assert_allclose(seg_geometry[0], src_geometry[0], atol=1e-3)
+        for r, c in zip(*np.nonzero(frames[i])):
+            point = _to_patient(seg_geometry, r, c)
+            np.testing.assert_allclose(point, _to_patient(src_geometry, r, c), atol=1e-3)
+            # the labelled point lies on exactly one source slice, at the same pixel, labelled with this class
+            hits = [(z, _to_pixel(_geometry(d), point)) for z, d in enumerate(made)]
+            hits = [(z, rr, cc) for z, (rr, cc, dist) in hits if abs(dist) < 1e-3]
+            assert len(hits) == 1
+            z, rr, cc = hits[0]
+            assert z == k and label[z, int(round(rr)), int(round(cc))] == segment
+    assert seen == {(0, 1), (1, 1), (2, 1), (0, 2)}
+
+    hd_seg = hd.seg.segread(path)
+    masks = hd_seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in made], segment_numbers=[1, 2])
+    np.testing.assert_array_equal(masks[..., 0], label == 1)
+    np.testing.assert_array_equal(masks[..., 1], label == 2)
+    reversed_masks = hd_seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in reversed(made)])
+    assert not np.array_equal(reversed_masks[..., 0], label == 1)
+
+
+def test_multi_frame_source(tmp_path):
+    slices = _make_series(tmp_path / "series")
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices,
+        series_instance_uid=generate_uid(),
+        series_number=7,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    datasets, volume = read_dicom_series(str(tmp_path / "enhanced.dcm"))
+
+    assert len(datasets) == 1 and int(datasets[0].NumberOfFrames) == SLICES
+    source = datasets[0]
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    label = np.zeros((SLICES, ROWS, COLS), np.int64)
+    for i in range(SLICES):
+        # frame i carries the pixels of the generated slice at its position: frame order is the stored order
+        k = int(round((_geometry(source, i)[0] - ORIGIN) @ NORMAL / THICKNESS))
+        expected = (ct.pixel_array[:ROWS, :COLS] + 100 * k) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+        np.testing.assert_array_equal(volume[i], expected)
+        label[i, 5 + 25 * i : 10 + 25 * i, 3 + 40 * i : 9 + 40 * i] = 1
+
+    path = write_dicom_seg(label, source, {1: "organ"}, str(tmp_path / "seg.dcm"))
+    seg = hd.seg.segread(path)
+    masks = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [1, 2, 3], segment_numbers=[1])
+    np.testing.assert_array_equal(masks[..., 0], label == 1)
+    frames = seg.pixel_array.reshape(-1, ROWS, COLS)
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid, number = _source_uid(item)
+        assert uid == source.SOPInstanceUID
+        np.testing.assert_array_equal(frames[i], label[number - 1] == 1)
+        np.testing.assert_allclose(_geometry(seg, i)[0], _geometry(source, number - 1)[0], atol=1e-3)
+
+
+def test_enhanced_mr_from_pydicom_if_shipped(tmp_path):
+    source = pydicom.dcmread(_testdata("emri_small.dcm"))
+    volume = dicom_pixels(source)
+    label = np.zeros(volume.shape, np.int64)
+    label[:, 1:4, 2:8] = 1
+    path = write_dicom_seg(label, source, ["structure"], str(tmp_path / "seg.dcm"))
+    masks = hd.seg.segread(path).get_pixels_by_source_frame(
+        source.SOPInstanceUID, list(range(1, len(volume) + 1)), segment_numbers=[1]
+    )
+    np.testing.assert_array_equal(masks[..., 0], label == 1)
+
+
+def test_empty_label_writes_empty_frames(tmp_path):
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = write_dicom_seg(np.zeros((128, 128), np.uint8), [source], {1: "lung", 2: "heart"}, str(tmp_path / "s.dcm"))
+    seg = hd.seg.segread(path)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
+    masks = seg.get_pixels_by_source_instance([source.SOPInstanceUID])
+    assert masks.shape == (1, 128, 128, 2) and not masks.any()
+
+
+def test_unsupported_inputs_raise_naming_the_file(tmp_path):
+    report = get_testdata_file("test-SR.dcm")
+    with pytest.raises(ValueError, match="test-SR.dcm.*no pixel data"):
+        read_dicom_series(report)
+    with pytest.raises(ValueError, match="test-SR.dcm"):
+        write_dicom_seg(np.zeros((4, 4), np.uint8), pydicom.dcmread(report), ["a"], str(tmp_path / "s.dcm"))
+    dose = get_testdata_file("rtdose.dcm")
+    with pytest.raises(ValueError, match="rtdose.dcm.*not supported"):
+        write_dicom_seg(np.zeros((15, 10, 10), np.uint8), pydicom.dcmread(dose), ["a"], str(tmp_path / "s.dcm"))
+    text = tmp_path / "notes.dcm"
+    text.write_text("not dicom")
+    with pytest.raises(ValueError, match="notes.dcm"):
+        read_dicom_datasets(str(text))
+    assert not (tmp_path / "s.dcm").exists() and not (tmp_path / "s.dcm.part").exists()
+
+
+def test_folder_and_label_checks(tmp_path):
+    _make_series(tmp_path / "series")
+    other = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    other.save_as(tmp_path / "series" / "other.dcm")
+    with pytest.raises(ValueError, match="2 series"):
+        read_dicom_datasets(str(tmp_path / "series"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no DICOM image"):
+        read_dicom_datasets(str(tmp_path / "empty"))
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    label = np.zeros((128, 128), np.uint8)
+    label[0, 0] = 4
+    with pytest.raises(ValueError, match=r"\[4\]"):
+        write_dicom_seg(label, source, {1: "lung"}, str(tmp_path / "s.dcm"))
+    with pytest.raises(ValueError, match="does not match"):
+        write_dicom_seg(np.zeros((2, 128, 128), np.uint8), source, {1: "lung"}, str(tmp_path / "s.dcm"))
