@@ -39,9 +39,27 @@ def test_schema_is_a_valid_json_schema():
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
-def test_metadata_passes_the_local_schema_offline():
+def test_metadata_passes_the_local_schema_offline(monkeypatch):
+    import monai.apps.utils
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("verify_metadata tried to download the schema")
+
     # the schema file exists, so verify_metadata reads it and never fetches the metadata's `schema` URL
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", no_network)
+    monkeypatch.setattr(monai.apps.utils, "urlopen", no_network)
     verify_metadata(meta_file=META, filepath=SCHEMA)
+
+
+def test_without_the_local_schema_verify_metadata_would_download(tmp_path, monkeypatch):
+    import monai.apps.utils
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", no_network)
+    with pytest.raises(ConnectionError):  # why the schema is kept in the repository
+        verify_metadata(meta_file=META, filepath=str(tmp_path / "absent_schema.json"))
 
 
 @pytest.mark.parametrize(
