@@ -39,6 +39,11 @@ def affine_to_ddf(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 class WarpNet(nn.Module):
     """Registration network mapping (moving, fixed) images of shape (B, C, H, W) to a displacement field.
 
+    It is called either with two images, ``net(moving, fixed)``, or with one tensor holding both along the
+    channels, ``net(torch.cat([moving, fixed], 1))`` (the bundle's one-input form: ``verify_net_in_out``,
+    TorchScript export): with ``in_channels`` C, channels [0, C) are the moving (reference) image and [C, 2C)
+    the fixed (target) image.
+
     Args:
         in_channels: channels of each input image.
         channels: encoder channels per level, finest first; the input size must be divisible by 2**(levels-1).
@@ -47,6 +52,7 @@ class WarpNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (8, 16, 32, 64, 128), hidden: int = 64):
         super().__init__()
+        self.in_channels = in_channels
         self.channels = tuple(channels)
         self.encoder = nn.ModuleList()
         prev = in_channels
@@ -80,13 +86,20 @@ class WarpNet(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
         """Return the displacement field (B, 2, H, W) in pixels that warps ``moving`` onto ``fixed``.
 
-        A single moving image (batch 1) is encoded once and shared by all B fixed images.
+        A single moving image (batch 1) is encoded once and shared by all B fixed images. Without ``fixed``,
+        ``moving`` is the (B, 2 * in_channels, H, W) pair: moving channels first, then fixed.
         """
+        if fixed is None:
+            if moving.shape[1] != 2 * self.in_channels:
+                raise ValueError(
+                    f"a single input needs 2 x {self.in_channels} channels (moving, fixed), got {moving.shape[1]}"
+                )
+            moving, fixed = moving[:, : self.in_channels], moving[:, self.in_channels :]
         fix_feats = self.encode(fixed)
-        mov_feats = [m.expand(len(fixed), -1, -1, -1) for m in self.encode(moving)]
+        mov_feats = [m.expand(fixed.shape[0], -1, -1, -1) for m in self.encode(moving)]
         top_m, top_f = mov_feats[-1], fix_feats[-1]
         params = self.affine_out(self.affine_head(torch.cat([top_m, top_f], 1)))
         theta = self.identity + params.view(-1, 2, 3)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the bundle and its test tools into .venv, then run style checks and the test suite.
+# Install the bundle and its test tools into .venv, then run style checks, the Model Zoo checks and the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -7,4 +7,5 @@ python3 -m venv .venv
 .venv/bin/python -m black --check --line-length 120 bundle scripts tests
 .venv/bin/python -m isort --check-only --profile black --line-length 120 bundle scripts tests
 .venv/bin/python -m flake8 bundle scripts tests
+PYTHON=.venv/bin/python bash scripts/zoo_checks.sh
 .venv/bin/python -m pytest -q tests "$@"

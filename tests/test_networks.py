@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from bundle.networks import WarpNet, affine_to_ddf
@@ -36,3 +37,19 @@ def test_affine_translation_moves_content_by_that_many_pixels():
 def test_identity_affine_gives_zero_field():
     theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     assert affine_to_ddf(theta, (8, 8)).abs().max() == 0
+
+
+def test_one_two_channel_tensor_equals_the_two_argument_call():
+    torch.manual_seed(0)
+    net = WarpNet()
+    with torch.no_grad():  # move away from the near-identity initialisation so the fields differ per input
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moving, fixed = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    expected = net(moving, fixed)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(net(torch.cat([moving, fixed], 1)), expected)
+    swapped = net(torch.cat([fixed, moving], 1))  # the channel order matters: 0 = moving, 1 = fixed
+    assert not torch.allclose(swapped, expected)
+    with pytest.raises(ValueError, match="2 x 1 channels"):
+        net(torch.rand(1, 3, 32, 32))
