@@ -7,9 +7,11 @@ One iteration draws a batch of targets and a batch of augmented copies of the re
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -92,14 +94,24 @@ class WarpTrainer(Engine):
         self.pseudo: torch.Tensor | None = None
         self.pseudo_weights: torch.Tensor | None = None
         self.round = 0
+        self.tag = ""
+        self.resumable = False  # set by the cohort run when the checkpoints on disk belong to this very job
+        self._initial = copy.deepcopy((self.network.state_dict(), self.optimizer.state_dict()))
         if progress:
             ProgressBar(persist=False, desc="warp training").attach(self, output_transform=lambda out: {"loss": out})
         self.add_event_handler(Events.COMPLETED, self._save)
 
-    def setup(self, moving: torch.Tensor, moving_label: torch.Tensor, fixed: torch.Tensor) -> None:
-        """Reference image (1, S, S), its one-hot label (K, S, S) and all targets (N, 1, S, S)."""
+    def setup(self, moving: torch.Tensor, moving_label: torch.Tensor, fixed: torch.Tensor, tag: str = "") -> None:
+        """Reference image (1, S, S), its one-hot label (K, S, S) and all targets (N, 1, S, S).
+
+        Starts from the initial weights; ``tag`` names this job's checkpoints (several references in one run).
+        """
         self.moving, self.moving_label, self.fixed = moving.float(), moving_label.float(), fixed.float()
         self.pseudo = self.pseudo_weights = None
+        self.network.load_state_dict(self._initial[0])
+        self.optimizer.load_state_dict(self._initial[1])
+        self.generator.manual_seed(self.seed)
+        self.round, self.tag = 0, tag
 
     def set_pseudo_labels(self, labels: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """One-hot SAM pseudo-labels (N, K, S, S) for the targets, optionally weighted per target (N,)."""
@@ -167,12 +179,45 @@ class WarpTrainer(Engine):
         self.round += 1
         return float(self.state.output)
 
+    def checkpoint_path(self, round: int) -> str:
+        return os.path.join(self.checkpoint_dir or ".", f"warp{self.tag}_round{round}.pt")
+
     def _save(self, engine: Engine) -> None:
+        """After every round: weights, optimiser and sampling state, written atomically, so a rerun resumes here."""
         if self.checkpoint_dir:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
-            path = os.path.join(self.checkpoint_dir, f"warp_round{self.round}.pt")
-            torch.save(self.network.state_dict(), path + ".part")
+            path = self.checkpoint_path(self.round)
+            state = {
+                "network": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "round": self.round,
+            }
+            torch.save(state, path + ".part")
             os.replace(path + ".part", path)
+
+    def resume(self) -> int | None:
+        """Load the latest round checkpoint of this job when resumable; returns its round (None: start afresh)."""
+        if not (self.resumable and self.checkpoint_dir and os.path.isdir(self.checkpoint_dir)):
+            return None
+        pattern = re.compile(rf"warp{re.escape(self.tag)}_round(\d+)\.pt$")
+        done = sorted(int(m.group(1)) for n in os.listdir(self.checkpoint_dir) if (m := pattern.match(n)))
+        if not done:
+            return None
+        state = torch.load(self.checkpoint_path(done[-1]), map_location=self.device, weights_only=False)
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.round = state["round"] + 1
+        logger.info("warping network resumed from %s", self.checkpoint_path(done[-1]))
+        return int(state["round"])
+
+    def clear_checkpoints(self) -> None:
+        """Remove the round checkpoints of an earlier, different job."""
+        if self.checkpoint_dir and os.path.isdir(self.checkpoint_dir):
+            for name in os.listdir(self.checkpoint_dir):
+                if name.startswith("warp") and name.endswith(".pt"):
+                    os.remove(os.path.join(self.checkpoint_dir, name))
 
     @torch.no_grad()
     def predict(self, batch_size: int = 16) -> torch.Tensor:

@@ -160,21 +160,35 @@ class OneShotInferer(Inferer):
         return to_working(torch.from_numpy(normalize_intensity(image))[None], self.working_size)
 
     def __call__(  # type: ignore[override]
-        self, ref_image: np.ndarray, ref_label: np.ndarray, num_classes: int, targets: list[tuple[str, np.ndarray]]
-    ) -> list[Prediction]:
-        """Segment ``targets`` ((id, (H, W[, 3]) image) pairs) given the reference and its label (classes 1..C)."""
+        self,
+        ref_image: np.ndarray,
+        ref_label: np.ndarray,
+        num_classes: int,
+        targets: list[tuple[str, np.ndarray]],
+        skip: set[str] | None = None,
+        tag: str = "",
+    ) -> list[Prediction | None]:
+        """Segment ``targets`` ((id, (H, W[, 3]) image) pairs) given the reference and its label (classes 1..C).
+
+        ``skip`` names targets whose result is already on disk: they still take part where the method needs the
+        whole cohort (warp training, the fused agreement, classifier self-training) but are not decoded where it
+        does not; their entry is then None. ``tag`` names the warping checkpoints of this reference.
+        """
         self.decisions = {}
+        skip = skip or set()
         ref_onehot = one_hot(torch.from_numpy(ref_label), num_classes)
+        cohort = self.strategy == "fused" or (self.strategy == "warp" and self.rounds > 0)
+        todo = targets if cohort else [t for t in targets if t[0] not in skip]
         if self.strategy != "registration":
             start = time.time()
-            for key, img in self._bar(targets, "SAM encoding"):
+            for key, img in self._bar(todo, "SAM encoding"):
                 self.embed(key, img)
             self._clock("sam_encoding_s", start)
-        if self.strategy == "match":
-            return self._matched(ref_image, ref_onehot, targets)
-        if self.strategy == "persam":
-            return self._persam(ref_image, ref_onehot, targets)
-        warped = self._warped(ref_image, ref_onehot, targets, num_classes)
+        if self.strategy in ("match", "persam"):
+            run = self._matched if self.strategy == "match" else self._persam
+            done = dict(zip([k for k, _ in todo], run(ref_image, ref_onehot, todo)))
+            return [done.get(k) for k, _ in targets]
+        warped = self._warped(ref_image, ref_onehot, targets, num_classes, set() if cohort else skip, tag)
         if self.strategy != "fused":
             return warped
         start = time.time()
@@ -183,30 +197,37 @@ class OneShotInferer(Inferer):
         return self.fuse(warped, classified)
 
     # warp / registration --------------------------------------------------------------------------------------
-    def _warped(self, ref_image, ref_onehot, targets, num_classes) -> list[Prediction]:
+    def _warped(self, ref_image, ref_onehot, targets, num_classes, skip, tag) -> list[Prediction | None]:
         S = self.working_size
         self.trainer.setup(
             self._working(ref_image),
             to_working(ref_onehot, S, mode="nearest"),
             torch.stack([self._working(img) for _, img in targets]),
+            tag,
         )
         use_sam = self.strategy != "registration"
         prototypes = None
         if use_sam and self.prompter.num_points > 0:  # the reference is encoded only for the points' prototypes
             prototypes = class_prototypes(self.embed("__reference__", ref_image), ref_onehot[1:], self.sam.img_size)
-        start = time.time()
-        self.trainer.fit()
-        self._clock("warp_training_s", start)
         rounds = self.rounds if use_sam else 0
-        predictions: list[Prediction] = []
-        for r in range(rounds + 1):
+        first = self.trainer.resume()  # the last round a killed run of this job finished, if any
+        if first is None:
+            start = time.time()
+            self.trainer.fit()
+            self._clock("warp_training_s", start)
+            first = 0
+        predictions: list[Prediction | None] = []
+        for r in range(first, rounds + 1):
             start = time.time()
             warped = self.trainer.predict()
             predictions = []
             for (key, img), soft in self._bar(list(zip(targets, warped)), f"SAM round {r}"):
+                if r == rounds and key in skip:
+                    predictions.append(None)
+                    continue
                 probs = from_working(soft, img.shape[:2])[1:].clamp(0, 1)
                 if use_sam:
-                    predictions.append(self.segment(self.embeddings[key], probs, prototypes))
+                    predictions.append(self.segment(self.embed(key, img), probs, prototypes))
                 else:
                     predictions.append(Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(num_classes)))
             self._clock("prompting_and_sam_decoding_s", start)

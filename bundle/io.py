@@ -14,18 +14,24 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor, PILWriter
+from monai.data import ITKReader, NibabelReader, PILReader, PILWriter, PydicomReader
 from monai.transforms import LoadImage
 
 __all__ = [
     "Case",
     "InvalidReferenceError",
     "load_datalist",
+    "Volume",
+    "is_dicom",
+    "read_volume",
     "read_image",
     "read_label",
+    "read_label_volume",
+    "to_array",
     "to_hw",
     "from_hw",
     "save_label",
+    "save_prediction",
     "output_name",
     "to_class_index",
     "case_id",
@@ -74,29 +80,122 @@ def from_hw(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array).T)
 
 
-_loader = LoadImage(image_only=True)
+RASTER_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _load(path: str) -> tuple[np.ndarray, dict[str, Any]]:
-    data = _loader(path)
-    meta = dict(data.meta) if isinstance(data, MetaTensor) else {}
-    return to_hw(data), meta
+@dataclass
+class Volume:
+    """An input image as a stack of 2D slices in numpy (row, column) order, plus what writing results back needs.
+
+    A 2D input is a stack of one slice (``axis`` None). A 3D input (NIfTI volume, DICOM series or multi-frame file)
+    is cut along ``axis``, an index into the MONAI array's spatial axes (x, y, z).
+    """
+
+    slices: np.ndarray  # (Z, H, W) or (Z, H, W, 3), float32
+    meta: dict[str, Any]
+    kind: str  # raster | nifti | dicom | other
+    axis: int | None = None
+    spatial_shape: tuple[int, ...] = ()
+
+    @property
+    def is_3d(self) -> bool:
+        return len(self.slices) > 1
+
+
+def is_dicom(path: str) -> bool:
+    """A DICOM file (by extension or by its DICM preamble) or a folder holding DICOM files."""
+    if os.path.isdir(path):
+        return any(is_dicom(os.path.join(path, f)) for f in sorted(os.listdir(path))[:5])
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _readers(path: str) -> tuple[str, list]:
+    """The kind of an input and the MONAI readers to try, in order."""
+    lower = path.lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return "nifti", [NibabelReader()]
+    if lower.endswith(RASTER_EXTS):
+        return "raster", [PILReader()]
+    if is_dicom(path):
+        # ITKReader keeps the colour channel of RGB and multi-frame files, and sorts a series folder by position
+        # along the slice normal; PydicomReader (the fallback) stacks a folder by instance number
+        return "dicom", [ITKReader(), PydicomReader()]
+    return "other", [ITKReader()]
+
+
+def _load(path: str) -> tuple[torch.Tensor, dict[str, Any], str]:
+    """Channel-first MONAI array (C, x, y[, z]), its metadata and the input's kind."""
+    if not os.path.exists(path):
+        raise FileNotFoundError("file not found")
+    kind, readers = _readers(path)
+    error: Exception | None = None
+    for reader in readers:
+        try:
+            data = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(path)
+            return data, dict(getattr(data, "meta", {})), kind
+        except Exception as e:  # noqa: BLE001 - try the next reader, report the first failure
+            error = error or e
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ValueError(f"no reader could read it ({reason[:300]})") from error
+
+
+def _channels_last(arr: np.ndarray) -> np.ndarray:
+    """(C, ...) -> (...) for one channel, (..., 3) for colour (alpha dropped)."""
+    if arr.shape[0] == 1:
+        return arr[0]
+    if arr.shape[0] in (3, 4):
+        return np.moveaxis(arr[:3], 0, -1)
+    raise ValueError(f"expected 1, 3 or 4 channels, got {arr.shape[0]}")
+
+
+def read_volume(path: str, slice_axis: int = -1) -> Volume:
+    """Read any supported input as a stack of (H, W[, 3]) float32 slices; 3D inputs are cut along ``slice_axis``."""
+    data, meta, kind = _load(path)
+    arr = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
+    spatial = tuple(arr.shape[1:])
+    if len(spatial) == 2:
+        return Volume(to_hw(_channels_last(arr))[None], meta, kind, None, spatial)
+    if len(spatial) != 3:
+        raise ValueError(f"{path}: expected a 2D or 3D image, got array shape {tuple(arr.shape)}")
+    # a 2D image stored with a singleton axis (single-frame DICOM, one-slice NIfTI) is a one-slice stack along it
+    axis = spatial.index(1) if 1 in spatial else slice_axis % 3
+    stack = np.moveaxis(_channels_last(arr), axis, 0)  # (Z, p, q[, 3])
+    return Volume(np.ascontiguousarray(np.swapaxes(stack, 1, 2)), meta, kind, axis, spatial)
+
+
+def to_array(slices: np.ndarray, volume: Volume) -> np.ndarray:
+    """(Z, H, W) slices -> the input's MONAI spatial layout (x, y[, z]); the inverse of ``read_volume``."""
+    if volume.axis is None:
+        return from_hw(slices[0])
+    return np.moveaxis(np.swapaxes(slices, 1, 2), 0, volume.axis)
 
 
 def read_image(path: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read an image as float32 (H, W) or (H, W, 3) and its MONAI metadata."""
-    image, meta = _load(path)
-    image = image.astype(np.float32)
-    if image.ndim == 3:
-        image = image[..., :3]  # drop alpha
-    return image, meta
+    """Read a 2D image as float32 (H, W) or (H, W, 3) and its MONAI metadata."""
+    volume = read_volume(path)
+    if volume.is_3d:
+        raise ValueError(f"{path} is a 3D image ({volume.spatial_shape}); expected 2D")
+    return volume.slices[0], volume.meta
 
 
 def read_label(path: str) -> np.ndarray:
-    """Read a label map as int64 (H, W)."""
-    label, _ = _load(path)
+    """Read a 2D label map as int64 (H, W)."""
+    label, _ = read_image(path)
     if label.ndim == 3:
         label = label[..., 0]
+    return np.rint(label).astype(np.int64)
+
+
+def read_label_volume(path: str, like: Volume) -> np.ndarray:
+    """Read a label map as int64 (Z, H, W) slices cut the same way as the image ``like``."""
+    volume = read_volume(path, -1 if like.axis is None else like.axis)
+    label = volume.slices[..., 0] if volume.slices.ndim == 4 else volume.slices
     return np.rint(label).astype(np.int64)
 
 
@@ -151,19 +250,27 @@ def to_class_index(label: np.ndarray, class_values: list[int]) -> np.ndarray:
 
 
 def save_label(label: np.ndarray, path: str, meta: dict[str, Any] | None = None) -> str:
-    """Write a (H, W) label map; PNG/JPG/BMP/TIFF paths as 8-bit PNG, otherwise NIfTI with the input's affine.
+    """Write a (H, W) label map: PNG/JPG/BMP/TIFF paths as 8-bit PNG, otherwise NIfTI with the input's affine."""
+    return save_prediction(label[None], path, Volume(label[None], meta or {}, "raster"))
+
+
+def save_prediction(slices: np.ndarray, path: str, volume: Volume) -> str:
+    """Write (Z, H, W) label slices in the geometry of the input ``volume``: a PNG (one slice) or a NIfTI with the
+    input's affine and array layout.
 
     The file is written under a temporary name and renamed, so a crash never leaves a half-written output.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data = torch.as_tensor(from_hw(label.astype(np.uint8)))[None]
     tmp = path + ".part" + (".png" if path.endswith(".png") else ".nii.gz")
     if path.endswith(".png"):
+        if len(slices) != 1:
+            raise ValueError(f"{path}: a PNG holds one slice, got {len(slices)}")
         writer = PILWriter(output_dtype=np.uint8, scale=None)
-        writer.set_data_array(data, channel_dim=0, squeeze_end_dims=True)
+        writer.set_data_array(torch.as_tensor(from_hw(slices[0].astype(np.uint8)))[None], channel_dim=0)
         writer.write(tmp, verbose=False)
     else:
-        nib.save(nib.Nifti1Image(from_hw(label.astype(np.uint8)), _affine_4x4(meta)), tmp)
+        data = to_array(slices.astype(np.uint8), volume)
+        nib.save(nib.Nifti1Image(data, _affine_4x4(volume.meta)), tmp)
     os.replace(tmp, path)
     return path
 
@@ -184,7 +291,6 @@ def _affine_4x4(meta: dict[str, Any] | None) -> np.ndarray:
 
 def output_name(case: Case) -> str:
     """Prediction file name: PNG for raster input, NIfTI for everything else."""
-    lower = case.image_path.lower()
-    if lower.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+    if case.image_path.lower().endswith(RASTER_EXTS):
         return f"{case.id}.png"
     return f"{case.id}.nii.gz"

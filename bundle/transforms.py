@@ -14,9 +14,11 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandZoomd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
 )
 
-__all__ = ["reference_augmentation", "normalize_intensity", "to_working", "from_working", "one_hot"]
+__all__ = ["reference_augmentation", "normalize_intensity", "scale_intensity", "to_working", "from_working", "one_hot"]
 
 
 def reference_augmentation(size: int, rotate_deg: float = 10.0, translate: float = 0.1, shear_deg: float = 10.0):
@@ -56,6 +58,28 @@ def normalize_intensity(image: np.ndarray, lower: float = 0.5, upper: float = 99
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
 
 
+def scale_intensity(
+    image: np.ndarray, window: tuple[float, float] | None = None, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
+    """Display range of a raw image (or a whole volume), mapped to [0, 255] float32.
+
+    ``window`` = (level, width), e.g. (40, 400) for CT soft tissue, clips to level +- width / 2. Otherwise images
+    already in an 8-bit display range (integers within 0-255) are kept as they are, and any other range (CT in
+    Hounsfield units, 16-bit X-ray, MRI) is clipped at ``percentiles`` so a few extreme pixels do not flatten the
+    contrast.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if window is not None:
+        level, width = float(window[0]), float(window[1])
+        if width <= 0:
+            raise ValueError(f"window width must be positive, got {width}")
+        return ScaleIntensityRange(level - width / 2, level + width / 2, 0.0, 255.0, clip=True)(img).numpy()
+    finite = img[np.isfinite(img)]
+    if finite.size and finite.min() >= 0 and finite.max() <= 255 and np.all(finite == np.round(finite)):
+        return img
+    return ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 255.0, clip=True)(img).numpy()
+
+
 def working_shape(size: tuple[int, int], working: int) -> tuple[int, int]:
     s = working / max(size)
     return max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))
@@ -76,5 +100,5 @@ def from_working(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(H, W) integer label -> (K, H, W) float one-hot, K = num_classes + 1 (background first)."""
-    return F.one_hot(label.long().clamp(0, num_classes), num_classes + 1).permute(2, 0, 1).float()
+    """(..., H, W) integer label -> (K, ..., H, W) float one-hot, K = num_classes + 1 (background first)."""
+    return F.one_hot(label.long().clamp(0, num_classes), num_classes + 1).movedim(-1, 0).float()

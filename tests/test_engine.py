@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import torch
 
@@ -54,8 +56,55 @@ def test_pseudo_labels_pull_the_warp_and_checkpoint_is_written(tmp_path):
     trainer.fit(40)
     assert _dice_with_targets(trainer, targets) > 0.8
     assert (tmp_path / "warp_round0.pt").exists()
-    state = torch.load(tmp_path / "warp_round0.pt", weights_only=True)
-    assert set(state) == set(trainer.network.state_dict())
+    state = torch.load(tmp_path / "warp_round0.pt", weights_only=False)
+    assert set(state["network"]) == set(trainer.network.state_dict()) and state["round"] == 0
+
+
+def _trainer(checkpoint_dir=None):
+    torch.manual_seed(1)
+    return WarpTrainer(
+        WarpNet(channels=(4, 8, 16)),
+        WarpingLoss(),
+        reference_augmentation(32),
+        batch_size=2,
+        aug_weight=0.3,
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+        seed=3,
+    )
+
+
+def test_resumed_training_matches_uninterrupted(tmp_path):
+    ref, ref_label, targets = _pair(32)
+    whole = _trainer()
+    whole.setup(ref, ref_label, targets)
+    whole.fit(4)
+    whole.fit(4)
+    killed = _trainer(str(tmp_path))
+    killed.setup(ref, ref_label, targets)
+    killed.fit(4)  # round 0 checkpointed; the "kill" happens before round 1
+    resumed = _trainer(str(tmp_path))
+    resumed.setup(ref, ref_label, targets)
+    assert resumed.resume() is None  # not resumable unless the cohort run says the checkpoints are this job's
+    resumed.resumable = True
+    assert resumed.resume() == 0 and resumed.round == 1
+    resumed.fit(4)
+    for name, value in whole.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[name], value)
+    resumed.clear_checkpoints()
+    assert not os.listdir(tmp_path)
+
+
+def test_setup_restarts_from_initial_weights():
+    ref, ref_label, targets = _pair(32)
+    trainer = _trainer()
+    first = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.setup(ref, ref_label, targets)
+    trainer.fit(3)
+    trainer.setup(ref, ref_label, targets, tag="_slice2")
+    assert trainer.round == 0 and trainer.checkpoint_path(0).endswith("warp_slice2_round0.pt")
+    for name, value in first.items():
+        torch.testing.assert_close(trainer.network.state_dict()[name], value)
 
 
 def test_training_works_under_no_grad():

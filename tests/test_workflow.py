@@ -70,8 +70,11 @@ def test_bad_reference_stops_before_any_work(tmp_path, breakage, message):
 def test_unreadable_target_is_reported_and_others_segmented(tmp_path):
     root = _dataset(tmp_path / "data")
     (root / "images" / "c2.png").write_bytes(b"not a png")
-    summary = _workflow(tmp_path, dataset_dir=str(root), strategy="registration").run()
+    workflow = _workflow(tmp_path, dataset_dir=str(root), strategy="registration")
+    with pytest.raises(SystemExit, match="1 of 3 targets failed"):
+        workflow.run()
     out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["num_failed"] == 1 and summary["num_images"] == 2
     assert "c2" in (out / "errors.csv").read_text()
     assert sorted(os.listdir(out / "predictions")) == ["c1.png", "c3.png"]
