@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from bundle.adapted import save_adapted
 from bundle.demo import make_demo_dataset
 from bundle.inferer import OneShotInferer
 from bundle.io import (
@@ -101,6 +102,7 @@ class OneShotSegmentation:
         postprocessing: callable on a (1, H, W) one-hot-free label tensor (MONAI transforms), or None.
         num_overlays: how many overlay pictures to write.
         settings: resolved settings recorded in the summary.
+        adapted_model: where to save what the run learned for new single images (``bundle.adapted``); None: not saved.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class OneShotSegmentation:
         postprocessing: Callable | None = None,
         num_overlays: int = 8,
         settings: dict[str, Any] | None = None,
+        adapted_model: str | None = None,
     ):
         self.inferer = inferer
         self.output_dir = output_dir
@@ -123,6 +126,7 @@ class OneShotSegmentation:
         self.postprocessing = postprocessing
         self.num_overlays = num_overlays
         self.settings = settings or {}
+        self.adapted_model = adapted_model
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -183,6 +187,10 @@ class OneShotSegmentation:
                 pictures.append(pic)
         if pictures:
             save_overlay(os.path.join(self.output_dir, "overlays", "montage.png"), montage(pictures))
+        if self.adapted_model:  # adapt once, infer many: bundle/adapted.py
+            save_adapted(
+                self.adapted_model, self.inferer, ref_image, ref_index, class_values, class_names, self.settings
+            )
         seconds = time.time() - start
         extra = {"not_found": not_found, "strategy_decisions": dict(getattr(self.inferer, "decisions", {}))}
         summary = self._write(rows, errors, class_names, len(loaded), seconds, reference, extra)
