@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv-label
 .venv-label/bin/python -m pip install -q -r requirements-label.txt
 .venv-label/bin/python -m pip install -q --no-deps monailabel==0.8.5
-.venv-label/bin/python -m pytest -q tests/label "$@"
+ONESHOT_REQUIRE_LABEL=1 .venv-label/bin/python -m pytest -q tests/label "$@"

@@ -15,14 +15,17 @@ from PIL import Image
 
 from tests.conftest import ROOT
 
-pytest.importorskip("monailabel", reason="MONAI Label tests run in .venv-label (scripts/test_label.sh)")
+if os.environ.get("ONESHOT_REQUIRE_LABEL") == "1":
+    import monailabel  # noqa: F401  (scripts/test_label.sh: these tests must run there, never skip)
+else:
+    pytest.importorskip("monailabel", reason="MONAI Label tests run in .venv-label (scripts/test_label.sh)")
 
 APP_DIR = os.path.join(ROOT, "monailabel_app")
 # a JSRT case not used for the adaptation (the reference is case 0, the adaptation targets cases 1-3)
 TEST_CASE = "JPCLN011"
 # mean Dice (right lung, left lung, heart) of the returned label against the ground truth with the fixture's fast
-# adaptation, measured on a 2-core CPU: see DICE_MEASURED; the floor leaves a margin
-DICE_MEASURED = 89.7
+# adaptation (deterministic, seed 0), measured on a 2-core CPU; the floor leaves a margin
+DICE_MEASURED = 90.7  # right lung 96.6, left lung 94.2, heart 81.4
 DICE_FLOOR = 85.0
 CONF = {"sam2": "false", "zoo_source": "local"}
 
@@ -69,7 +72,7 @@ def _app(studies: str, model: str):
 
 def test_app_object_infers_png_and_nifti_in_the_image_geometry(adapted_model, studies, jsrt, tmp_path):
     app = _app(studies, adapted_model)
-    info = app.info({})
+    info = app.info()
     assert info["models"]["oneshot"]["labels"] == {"right_lung": 1, "left_lung": 2, "heart": 3}
     result = app.infer({"model": "oneshot", "image": TEST_CASE})
     assert result["file"].endswith(".png") and result["params"]["image_size"] == [512, 512]
@@ -120,8 +123,12 @@ def test_real_monailabel_server_on_localhost(adapted_model, studies, jsrt, tmp_p
     cmd += ["--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
     for key, value in {**CONF, "model_path": adapted_model}.items():
         cmd += ["--conf", key, value]
+    # the monailabel script runs `python -m monailabel.main`: this environment's python, as when it is activated
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable}
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path), start_new_session=True)
+    server = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path), env=env, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
