@@ -189,6 +189,8 @@ class AdaptedSegmenter(Inferer):
         self.network = network.to(self.device).eval()
         needs_sam = any(s != "registration" for s in self.sources)
         self.sam = LiteMedSAM(device=self.device) if sam is None and needs_sam else sam
+        if self.sam is not None and type(self.sam).__name__ != state.get("sam", type(self.sam).__name__):
+            logger.warning("%s was adapted with %s, not %s: use the same SAM", model_path, state["sam"], type(sam))
         self.features = features
         ref_image = state["reference_image"].numpy()
         ref_label = state["reference_label"].long()

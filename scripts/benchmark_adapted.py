@@ -7,7 +7,8 @@ Reference = first case by sorted image name; the full run (configs/inference.yam
 ``num_images`` cases and saves what it learned; the adapted model then segments the ``num_new`` cases after those,
 which the adaptation never saw, one image at a time. Each step runs in its own process. Prints (and with
 ``--markdown`` writes) one table: Dice per class, mean Dice, seconds per image (the full run: everything, training
-included; the adapted model: per new image, SAM encoding to written label, plus its one-off loading time).
+included; the adapted model: per new image, from the read image to its post-processed label, plus its one-off
+loading time).
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         command = "python scripts/benchmark_adapted.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         dataset = os.path.basename(os.path.normpath(args.dataset_dir))
         note = (
-            "\n\n(reference = first case; 2-core CPU; the adapted model's time is per new image, SAM encoding "
-            "to written label; the full run's covers everything, training included)"
+            "\n\n(reference = first case; 2-core CPU; the adapted model's time is per new image, from the read image "
+            "to its post-processed label; the full run's covers everything, training included)"
         )
         write_markdown(args.markdown, f"{dataset}, adapt once, infer many", command, text + note)
     return {"full": full, "adapted": adapted}
