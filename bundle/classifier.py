@@ -66,6 +66,31 @@ class PatchClassifier:
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.head: torch.nn.Module | None = None
 
+    def _new_head(self, in_features: int, num_classes: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(in_features, self.hidden), torch.nn.GELU(), torch.nn.Linear(self.hidden, num_classes + 1)
+        )
+
+    def state_dict(self) -> dict:
+        """The trained head and its shape, for saving with ``torch.save`` (see ``bundle.adapted``)."""
+        if self.head is None:
+            raise RuntimeError("PatchClassifier.fit must run before its state can be saved")
+        first, last = self.head[0], self.head[-1]
+        return {
+            "in_features": int(first.in_features),
+            "hidden": int(first.out_features),
+            "num_classes": int(last.out_features) - 1,
+            "head": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> "PatchClassifier":
+        """Restore a head saved by ``state_dict`` (no training)."""
+        self.hidden = int(state["hidden"])
+        head = self._new_head(int(state["in_features"]), int(state["num_classes"]))
+        head.load_state_dict(state["head"], strict=True)
+        self.head = head.eval()
+        return self
+
     def _sample(self, feats: torch.Tensor, soft: torch.Tensor, gen: torch.Generator):
         D = feats.shape[0]
         x, y = feats.reshape(D, -1).T, soft.reshape(soft.shape[0], -1).T
@@ -90,9 +115,7 @@ class PatchClassifier:
             ws.append(torch.full((len(x),), float(weight)))
         x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
         torch.manual_seed(self.seed)
-        head = torch.nn.Sequential(
-            torch.nn.Linear(x.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Linear(self.hidden, num_classes + 1)
-        )
+        head = self._new_head(x.shape[1], num_classes)
         # rarer classes weigh more (square root of the inverse frequency, at most x20)
         freq = (y * w[:, None]).sum(0)
         class_w = (freq.sum() / freq.clamp_min(1e-6)).clamp(1, 400).sqrt()

@@ -225,17 +225,31 @@ class OneShotInferer(Inferer):
                 if r == rounds and key in skip:
                     predictions.append(None)
                     continue
-                probs = from_working(soft, img.shape[:2])[1:].clamp(0, 1)
-                if use_sam:
-                    predictions.append(self.segment(self.embed(key, img), probs, prototypes))
-                else:
-                    predictions.append(Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(num_classes)))
+                emb = self.embed(key, img) if use_sam else None
+                predictions.append(self.from_warped(soft, img.shape[:2], emb, prototypes))
             self._clock("prompting_and_sam_decoding_s", start)
             if r < rounds:
                 start = time.time()
                 self._retrain(predictions, num_classes)
                 self._clock("warp_training_s", start)
         return predictions
+
+    def from_warped(
+        self,
+        soft: torch.Tensor,
+        size: tuple[int, int],
+        embedding: Embedding | None,
+        prototypes: torch.Tensor | None = None,
+    ) -> Prediction:
+        """Prediction for one target from its warped soft label (K, S, S) in the working frame.
+
+        With an embedding, SAM decodes the prompts made from it (``segment``); without one (``registration``), the
+        warped label itself is the answer.
+        """
+        probs = from_working(soft, size)[1:].clamp(0, 1)
+        if embedding is None:
+            return Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(probs.shape[0]))
+        return self.segment(embedding, probs, prototypes)
 
     def _retrain(self, predictions: list[Prediction], num_classes: int) -> None:
         labels = torch.stack(
@@ -334,7 +348,7 @@ class OneShotInferer(Inferer):
             )
 
     # fused -------------------------------------------------------------------------------------------------------
-    def _classifier_masks(self, probs: torch.Tensor, embedding: Embedding) -> Prediction:
+    def classifier_segment(self, probs: torch.Tensor, embedding: Embedding) -> Prediction:
         """SAM on the box of the most probable connected region of each class in a (C + 1, H, W) probability map."""
         C = probs.shape[0] - 1
         boxes = np.zeros((C, 4), np.float32)
@@ -368,7 +382,7 @@ class OneShotInferer(Inferer):
             predictions, pseudo = [], []
             for key, img in self._bar(targets, f"classifier round {r}"):
                 emb, feats = self.embeddings[key], self.patch_features(key, img)
-                pred = self._classifier_masks(self.classifier(feats, emb.original_size), emb)
+                pred = self.classifier_segment(self.classifier(feats, emb.original_size), emb)
                 predictions.append(pred)
                 pseudo.append(
                     (

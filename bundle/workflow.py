@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bundle.adapted import save_adapted
 from bundle.demo import make_demo_dataset
 from bundle.dicom import read_dicom_datasets, read_dicom_series, write_dicom_seg
 from bundle.inferer import OneShotInferer
@@ -207,6 +208,7 @@ class OneShotSegmentation:
         max_size: slices with a longer side are processed at this size; outputs are at the input's size.
         resume: reuse the checkpoints and finished predictions of an earlier run of the same job in ``output_dir``.
         fail_on_errors: exit with status 1 (after writing everything) when any target failed.
+        adapted_model: where to save what the run learned for new single images (``bundle.adapted``); None: not saved.
     """
 
     def __init__(
@@ -226,6 +228,7 @@ class OneShotSegmentation:
         max_size: int = 1024,
         resume: bool = True,
         fail_on_errors: bool = True,
+        adapted_model: str | None = None,
     ):
         self.inferer = inferer
         self.output_dir = output_dir
@@ -238,6 +241,7 @@ class OneShotSegmentation:
         self.slice_axis, self.reference_slice = slice_axis, reference_slice
         self.window = tuple(window) if window is not None else None
         self.max_size, self.resume, self.fail_on_errors = max_size, resume, fail_on_errors
+        self.adapted_model = adapted_model
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -287,6 +291,12 @@ class OneShotSegmentation:
             logger.info("resuming: %d of %d targets already finished", sum(t.done for t in targets), len(targets))
 
         slices = self._segment(refs, class_values, targets, images)
+        if self.adapted_model and len(refs) == 1:  # adapt once, infer many: bundle/adapted.py
+            ref = refs[0]
+            image, label = shrink(ref.image, self.max_size), shrink(ref.label, self.max_size, nearest=True)
+            save_adapted(self.adapted_model, self.inferer, image, label, class_values, class_names, self.settings)
+        elif self.adapted_model:
+            logger.warning("no adapted model saved: this run used %d reference slices (one is supported)", len(refs))
         summary = self._finish(targets, slices, images, class_values, class_names, errors, reference, start)
         if errors and self.fail_on_errors:
             raise SystemExit(

@@ -54,7 +54,7 @@ def run_bundle(dataset_dir: str, num_images: int, overrides: dict, output_dir: s
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
     parser.update({"bundle_root": ROOT, "dataset_dir": dataset_dir, "num_images": num_images, "output_dir": output_dir})
-    parser.update(overrides)
+    parser.update({"adapted_model": os.path.join(output_dir, "model.pt"), **overrides})
     set_determinism(seed=parser.get_parsed_content("seed"))
     summary = parser.get_parsed_content("workflow").run()
     summary.pop("settings", None)

@@ -4,8 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q -r requirements-dev.txt
-.venv/bin/python -m black --check --line-length 120 bundle scripts tests
-.venv/bin/python -m isort --check-only --profile black --line-length 120 bundle scripts tests
-.venv/bin/python -m flake8 bundle scripts tests
+.venv/bin/python -m black --check --line-length 120 bundle scripts tests monailabel_app
+.venv/bin/python -m isort --check-only --profile black --line-length 120 bundle scripts tests monailabel_app
+.venv/bin/python -m flake8 bundle scripts tests monailabel_app
 PYTHON=.venv/bin/python bash scripts/zoo_checks.sh
 .venv/bin/python -m pytest -q tests "$@"
+# MONAI Label app tests, in their own environment (monailabel 0.8.5 needs pins the main one must not have)
+bash scripts/test_label.sh

@@ -16,7 +16,7 @@ HC18_FLOOR, PH2_FLOOR = 65, 85
 
 def _run_bundle(out, *args):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
-    cmd += ["--output_dir", str(out), "--progress", "False", *args]
+    cmd += ["--output_dir", str(out), "--adapted_model", str(out / "model.pt"), "--progress", "False", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(out, "summary.json")) as f:
@@ -33,6 +33,7 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert len(preds) == 8
     assert np.asarray(Image.open(tmp_path / "demo" / "predictions" / preds[0])).shape == (192, 192)
     assert (tmp_path / "demo" / "overlays" / "montage.png").exists()
+    assert (tmp_path / "demo" / "model.pt").exists()  # adapt once, infer many (configs/infer.yaml)
     assert summary["settings"]["strategy"] == "fused"
     assert set(summary["strategy_decisions"]) == {"class_1", "class_2", "class_3"}
     assert {d["source"] for d in summary["strategy_decisions"].values()} <= {"warp", "match"}

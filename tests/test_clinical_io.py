@@ -42,7 +42,8 @@ def _nifti_case(root, name, centre, affine, labelled=True):
 
 def test_nifti_volumes_in_and_out_in_the_input_geometry(tmp_path):
     root = tmp_path / "data"
-    os.makedirs(root / "images"), os.makedirs(root / "labels")
+    os.makedirs(root / "images")
+    os.makedirs(root / "labels")
     oblique = np.array([[0.0, -0.7, 0, 30], [0.8, 0, 0, -12], [0, 0, 3.0, 5], [0, 0, 0, 1]])
     items = [
         _nifti_case(root, "a_ref", (30, 28, 3), np.diag([0.8, 0.8, 3.0, 1.0])),
@@ -127,7 +128,7 @@ def test_bad_reference_image_stops_before_any_work(tmp_path, breakage, message):
 
 def _bundle_run(data, out, *extra, **popen):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
-    cmd += ["--dataset_dir", str(data), "--output_dir", str(out), *FAST, *extra]
+    cmd += ["--dataset_dir", str(data), "--output_dir", str(out), "--adapted_model", str(out / "model.pt"), *FAST, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

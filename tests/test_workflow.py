@@ -31,6 +31,7 @@ def _workflow(tmp_path, **overrides):
         {
             "bundle_root": ROOT,
             "output_dir": str(tmp_path / "out"),
+            "adapted_model": str(tmp_path / "out" / "model.pt"),
             "progress": False,
             "working_size": 64,
             "trainer#min_iterations": 3,
