@@ -38,7 +38,7 @@ from bundle.metrics import class_scores, summarize
 from bundle.networks import WarpNet
 from bundle.prompts import PromptGenerator, class_prototypes
 from bundle.sam import LiteMedSAM, SamBackend
-from bundle.transforms import normalize_intensity, one_hot, to_working
+from bundle.transforms import normalize_intensity, one_hot, resize_label, scale_intensity, shrink, to_working
 
 __all__ = ["FORMAT_VERSION", "SOURCES", "save_adapted", "load_adapted", "AdaptedSegmenter", "AdaptedRun"]
 
@@ -274,11 +274,18 @@ class AdaptedSegmenter(Inferer):
         return Prediction(logits, iou, found)
 
     def label(self, image: np.ndarray) -> np.ndarray:
-        """(H, W) class-index label map (0 background, 1..C), post-processed."""
-        label = self.predict(image).label()
+        """(H, W) class-index label map (0 background, 1..C), post-processed.
+
+        The image is prepared as the cohort run prepared its targets: the same intensity window (or percentile
+        clipping) and processing size; the label comes back at the image's size.
+        """
+        settings = self.state.get("settings", {})
+        size = image.shape[:2]
+        work = shrink(scale_intensity(image, settings.get("window")), int(settings.get("max_size") or 1024))
+        label = self.predict(work).label()
         if self.postprocessing is not None:
             label = np.asarray(self.postprocessing(torch.from_numpy(label)[None]))[0].astype(np.int64)
-        return label
+        return label if label.shape == size else resize_label(label, size)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:  # type: ignore[override]
         """(H, W) label map of one image in its own geometry, with the reference's label values."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,16 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 
-__all__ = ["reference_augmentation", "normalize_intensity", "scale_intensity", "to_working", "from_working", "one_hot"]
+__all__ = [
+    "reference_augmentation",
+    "normalize_intensity",
+    "scale_intensity",
+    "shrink",
+    "resize_label",
+    "to_working",
+    "from_working",
+    "one_hot",
+]
 
 
 def reference_augmentation(size: int, rotate_deg: float = 10.0, translate: float = 0.1, shear_deg: float = 10.0):
@@ -78,6 +88,23 @@ def scale_intensity(
     if finite.size and finite.min() >= 0 and finite.max() <= 255 and np.all(finite == np.round(finite)):
         return img
     return ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 255.0, clip=True)(img).numpy()
+
+
+def shrink(image: np.ndarray, max_size: int, nearest: bool = False) -> np.ndarray:
+    """Resize so the long side is at most ``max_size`` (area averaging, or nearest for labels)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_size:
+        return image
+    s = max_size / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    if nearest:
+        return cv2.resize(image.astype(np.int32), size, interpolation=cv2.INTER_NEAREST).astype(image.dtype)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W) label map to ``size`` (H, W)."""
+    return cv2.resize(label.astype(np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(label.dtype)
 
 
 def working_shape(size: tuple[int, int], working: int) -> tuple[int, int]:

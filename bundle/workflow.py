@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -34,10 +33,10 @@ from bundle.io import (
     to_class_index,
 )
 from bundle.metrics import class_scores, summarize
-from bundle.transforms import scale_intensity
+from bundle.transforms import resize_label, scale_intensity, shrink
 from bundle.visualize import montage, overlay, save_overlay
 
-__all__ = ["OneShotSegmentation", "Reference", "check_reference", "check_target", "shrink", "resize_label"]
+__all__ = ["OneShotSegmentation", "Reference", "check_reference", "check_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,23 +140,6 @@ def check_target(image: np.ndarray) -> str | None:
 
 def _size(shape: tuple[int, ...]) -> str:
     return f"{shape[2]}x{shape[1]} px" if shape[0] == 1 else f"{shape[0]} slices of {shape[2]}x{shape[1]} px"
-
-
-def shrink(image: np.ndarray, max_size: int, nearest: bool = False) -> np.ndarray:
-    """Resize so the long side is at most ``max_size`` (area averaging, or nearest for labels)."""
-    h, w = image.shape[:2]
-    if max(h, w) <= max_size:
-        return image
-    s = max_size / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    if nearest:
-        return cv2.resize(image.astype(np.int32), size, interpolation=cv2.INTER_NEAREST).astype(image.dtype)
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W) label map to ``size`` (H, W)."""
-    return cv2.resize(label.astype(np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(label.dtype)
 
 
 def dicom_order(path: str, volume: Volume) -> int | None:

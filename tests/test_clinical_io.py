@@ -128,7 +128,16 @@ def test_bad_reference_image_stops_before_any_work(tmp_path, breakage, message):
 
 def _bundle_run(data, out, *extra, **popen):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
-    cmd += ["--dataset_dir", str(data), "--output_dir", str(out), "--adapted_model", str(out / "model.pt"), *FAST, *extra]
+    cmd += [
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--adapted_model",
+        str(out / "model.pt"),
+        *FAST,
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
