@@ -115,18 +115,29 @@ def is_dicom(path: str) -> bool:
         return False
 
 
-def _readers(path: str) -> tuple[str, list]:
+_READERS = {"nifti": NibabelReader, "raster": PILReader, "itk": ITKReader, "pydicom": PydicomReader}
+_loaders: dict[str, LoadImage] = {}
+
+
+def _loader(reader: str) -> LoadImage:
+    """One MONAI loader per reader, made once (making one registers every reader, which logs each time)."""
+    if reader not in _loaders:
+        _loaders[reader] = LoadImage(image_only=True, ensure_channel_first=True, reader=_READERS[reader]())
+    return _loaders[reader]
+
+
+def _readers(path: str) -> tuple[str, list[str]]:
     """The kind of an input and the MONAI readers to try, in order."""
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        return "nifti", [NibabelReader()]
+        return "nifti", ["nifti"]
     if lower.endswith(RASTER_EXTS):
-        return "raster", [PILReader()]
+        return "raster", ["raster"]
     if is_dicom(path):
         # ITKReader keeps the colour channel of RGB and multi-frame files, and sorts a series folder by position
         # along the slice normal; PydicomReader (the fallback) stacks a folder by instance number
-        return "dicom", [ITKReader(), PydicomReader()]
-    return "other", [ITKReader()]
+        return "dicom", ["itk", "pydicom"]
+    return "other", ["itk"]
 
 
 def _load(path: str) -> tuple[torch.Tensor, dict[str, Any], str]:
@@ -137,7 +148,7 @@ def _load(path: str) -> tuple[torch.Tensor, dict[str, Any], str]:
     error: Exception | None = None
     for reader in readers:
         try:
-            data = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(path)
+            data = _loader(reader)(path)
             return data, dict(getattr(data, "meta", {})), kind
         except Exception as e:  # noqa: BLE001 - try the next reader, report the first failure
             error = error or e
