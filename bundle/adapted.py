@@ -19,8 +19,6 @@ reference -> new image pair before predicting; it is off by default.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
 import os
 import time
@@ -33,10 +31,11 @@ from monai.inferers import Inferer
 from bundle.classifier import PatchClassifier
 from bundle.features import sam_patch_features
 from bundle.inferer import OneShotInferer, Prediction
-from bundle.io import Case, case_id, load_datalist, output_name, read_image, read_label, save_label, to_class_index
+from bundle.io import Case, case_id, load_datalist, output_name, read_label, read_target, save_label, to_class_index
 from bundle.metrics import class_scores, summarize
 from bundle.networks import WarpNet
 from bundle.prompts import PromptGenerator, class_prototypes
+from bundle.report import write_json, write_tables
 from bundle.sam import LiteMedSAM, SamBackend
 from bundle.transforms import normalize_intensity, one_hot, resize_label, scale_intensity, shrink, to_working
 
@@ -330,22 +329,19 @@ class AdaptedRun:
 
     def run(self) -> dict[str, Any]:
         """Segment, write, score; returns the summary (also written to ``summary.json``)."""
-        from bundle.workflow import check_target  # imported here: the workflow imports this module
-
         seg = self.segmenter
         os.makedirs(self.output_dir, exist_ok=True)
         pred_dir = os.path.join(self.output_dir, "predictions")
         rows, errors, seconds, outputs = [], [], [], []
         for case in self.cases():
-            try:
-                image, meta = read_image(case.image_path)
-                problem = check_target(image)
-            except Exception as e:  # noqa: BLE001 - an unreadable image is reported, the run goes on
-                problem = f"cannot be read: {e}"
+            volume, problem = read_target(case.image_path)
+            if volume is not None and volume.is_3d:
+                volume, problem = None, f"is a 3D image ({volume.spatial_shape}): the adapted model segments 2D images"
             if problem:
                 logger.warning("skipping %s: %s", case.image_path, problem)
                 errors.append({"id": case.id, "image": case.image_path, "error": problem})
                 continue
+            image, meta = volume.slices[0], volume.meta
             start = time.time()
             label = seg(image)
             seconds.append(time.time() - start)
@@ -355,16 +351,7 @@ class AdaptedRun:
                 if truth.shape == label.shape:
                     scores = class_scores(to_class_index(label, seg.class_values), truth, seg.num_classes)
                     rows.append({"id": case.id, **scores})
-        if errors:
-            with open(os.path.join(self.output_dir, "errors.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["id", "image", "error"])
-                writer.writeheader()
-                writer.writerows(errors)
-        with open(os.path.join(self.output_dir, "metrics.csv"), "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id"] + [f"dice_{n}" for n in seg.class_names] + [f"iou_{n}" for n in seg.class_names])
-            for r in rows:
-                writer.writerow([r["id"]] + [f"{v:.4f}" for v in r["dice"]] + [f"{v:.4f}" for v in r["iou"]])
+        write_tables(self.output_dir, rows, errors, seg.class_names)
         summary = {
             **summarize(rows, seg.class_names),
             "num_images": len(outputs),
@@ -376,10 +363,7 @@ class AdaptedRun:
             "seconds_total": round(float(np.sum(seconds)), 2),
             "predictions": outputs,
         }
-        tmp = os.path.join(self.output_dir, "summary.json.part")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2, default=str)
-        os.replace(tmp, os.path.join(self.output_dir, "summary.json"))
+        write_json(os.path.join(self.output_dir, "summary.json"), summary)
         line = f"adapted model: {len(outputs)} image(s) in {summary['seconds_per_image']} s each"
         if rows:
             line += f", mean Dice {summary['dice_mean']:.2f} " + str(summary["per_class"])

@@ -24,6 +24,8 @@ __all__ = [
     "Volume",
     "is_dicom",
     "read_volume",
+    "read_target",
+    "check_target",
     "read_image",
     "read_label",
     "read_label_volume",
@@ -178,6 +180,31 @@ def read_volume(path: str, slice_axis: int = -1) -> Volume:
     axis = spatial.index(1) if 1 in spatial else slice_axis % 3
     stack = np.moveaxis(_channels_last(arr), axis, 0)  # (Z, p, q[, 3])
     return Volume(np.ascontiguousarray(np.swapaxes(stack, 1, 2)), meta, kind, axis, spatial)
+
+
+MIN_SIZE = 32
+
+
+def check_target(image: np.ndarray) -> str | None:
+    """Why an image (a 2D image or a stack of slices) cannot be segmented (too small, non-finite, constant), or None."""
+    h, w = image.shape[-3:-1] if image.ndim == 4 or (image.ndim == 3 and image.shape[-1] == 3) else image.shape[-2:]
+    if min(h, w) < MIN_SIZE:
+        return f"image is {w}x{h} px, smaller than {MIN_SIZE} px"
+    if not np.isfinite(image).all():
+        return "image has non-finite values"
+    if float(image.max()) == float(image.min()):
+        return "image is constant"
+    return None
+
+
+def read_target(path: str, slice_axis: int = -1) -> tuple[Volume | None, str | None]:
+    """A target read and checked: (volume, None), or (None, why it cannot be segmented) for any failure."""
+    try:
+        volume = read_volume(path, slice_axis)
+    except Exception as e:  # noqa: BLE001 - an unreadable target is reported, the run goes on
+        return None, f"cannot be read: {e}"
+    problem = check_target(volume.slices)
+    return (None, problem) if problem else (volume, None)
 
 
 def to_array(slices: np.ndarray, volume: Volume) -> np.ndarray:

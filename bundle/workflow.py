@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import resource
 import time
@@ -25,22 +23,23 @@ from bundle.io import (
     Case,
     InvalidReferenceError,
     Volume,
+    check_target,
     load_datalist,
     output_name,
     read_label_volume,
+    read_target,
     read_volume,
     save_prediction,
     to_class_index,
 )
 from bundle.metrics import class_scores, summarize
+from bundle.report import write_json, write_tables
 from bundle.transforms import resize_label, scale_intensity, shrink
 from bundle.visualize import montage, overlay, save_overlay
 
 __all__ = ["OneShotSegmentation", "Reference", "check_reference", "check_target"]
 
 logger = logging.getLogger(__name__)
-
-MIN_SIZE = 32
 
 
 @dataclass
@@ -124,18 +123,6 @@ def check_reference(
             )
         refs.append(Reference(image[z], group, classes, z))
     return refs, class_values
-
-
-def check_target(image: np.ndarray) -> str | None:
-    """Why an image (a 2D image or a stack of slices) cannot be segmented (too small, non-finite, constant), or None."""
-    h, w = image.shape[-3:-1] if image.ndim == 4 or (image.ndim == 3 and image.shape[-1] == 3) else image.shape[-2:]
-    if min(h, w) < MIN_SIZE:
-        return f"image is {w}x{h} px, smaller than {MIN_SIZE} px"
-    if not np.isfinite(image).all():
-        return "image has non-finite values"
-    if float(image.max()) == float(image.min()):
-        return "image is constant"
-    return None
 
 
 def _size(shape: tuple[int, ...]) -> str:
@@ -245,11 +232,7 @@ class OneShotSegmentation:
         targets: list[Target] = []
         images: dict[str, np.ndarray] = {}
         for case in self._bar(cases, "reading"):
-            try:
-                volume = read_volume(case.image_path, self.slice_axis)
-                problem = check_target(volume.slices)
-            except Exception as e:  # noqa: BLE001 - an unreadable target is reported, the run goes on
-                problem = f"cannot be read: {e}"
+            volume, problem = read_target(case.image_path, self.slice_axis)
             if problem:
                 logger.warning("skipping %s: %s", case.image_path, problem)
                 errors.append({"id": case.id, "image": case.image_path, "error": problem})
@@ -319,7 +302,7 @@ class OneShotSegmentation:
                 logger.info("%s holds a different job (settings or inputs changed): starting afresh", self.output_dir)
             if trainer is not None:
                 trainer.clear_checkpoints()
-            _atomic_json(path, {"fingerprint": fingerprint})
+            write_json(path, {"fingerprint": fingerprint})
         if trainer is not None:
             trainer.resumable = same
         return same
@@ -419,19 +402,7 @@ class OneShotSegmentation:
         return summary
 
     def _write(self, rows, errors, class_names, num_images, seconds, reference, extra) -> dict[str, Any]:
-        with open(os.path.join(self.output_dir, "metrics.csv"), "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id"] + [f"dice_{n}" for n in class_names] + [f"iou_{n}" for n in class_names])
-            for r in rows:
-                writer.writerow([r["id"]] + [_fmt(v) for v in r["dice"]] + [_fmt(v) for v in r["iou"]])
-        errors_csv = os.path.join(self.output_dir, "errors.csv")
-        if errors:
-            with open(errors_csv, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["id", "image", "error"])
-                writer.writeheader()
-                writer.writerows(errors)
-        elif os.path.exists(errors_csv):  # left by an earlier run of this output directory
-            os.remove(errors_csv)
+        write_tables(self.output_dir, rows, errors, class_names)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         if torch.cuda.is_available():
             peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
@@ -448,7 +419,7 @@ class OneShotSegmentation:
             **extra,
             "settings": self.settings,
         }
-        _atomic_json(os.path.join(self.output_dir, "summary.json"), summary)
+        write_json(os.path.join(self.output_dir, "summary.json"), summary)
         return summary
 
     @staticmethod
@@ -463,13 +434,3 @@ class OneShotSegmentation:
             f"peak memory {summary['peak_memory_mb']:.0f} MB"
         )
         print("\n".join(lines), flush=True)
-
-
-def _atomic_json(path: str, data: dict) -> None:
-    with open(path + ".part", "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(path + ".part", path)
-
-
-def _fmt(v: float) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
