@@ -8,7 +8,10 @@ same steps the cohort run used for each target, without the reference files and 
 
 - a class whose source is ``warp``: the warping network carries the saved reference label onto the image; its warped
   label gives SAM's box + mask prompts (``OneShotInferer.from_warped``);
-- ``match``: the patch classifier's probability map; the box of its most probable region prompts SAM
+- ``aligned``: the patch classifier's probability map says where the structure is and how large; the image is
+  pre-aligned to the reference accordingly and the second warping network (``aligned_network``) outlines it there
+  (``OneShotInferer.aligned_frames`` / ``aligned_image`` / ``from_aligned``);
+- ``match`` (models saved before 0.5.0): the box of the classifier's most probable region prompts SAM
   (``OneShotInferer.classifier_segment``);
 - ``registration``: the warped label itself.
 
@@ -44,7 +47,7 @@ __all__ = ["FORMAT_VERSION", "SOURCES", "save_adapted", "load_adapted", "Adapted
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SOURCES = ("warp", "match", "registration")
+SOURCES = ("warp", "aligned", "match", "registration")
 
 
 def _decisions(inferer: OneShotInferer, num_classes: int) -> list[str] | None:
@@ -88,12 +91,15 @@ def save_adapted(
     if inferer.trainer is None:
         raise ValueError("the inferer has no warping trainer to save")
     classifier = None
-    if "match" in sources:
+    if "match" in sources or "aligned" in sources:
         classifier = inferer.classifier.state_dict()
     network = inferer.trainer.network
+    weights = inferer.networks.get("warp", network.state_dict())
+    aligned = inferer.networks.get("aligned") if "aligned" in sources else None
     state = {
         "version": FORMAT_VERSION,
-        "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+        "network": {k: v.detach().cpu().clone() for k, v in weights.items()},
+        "aligned_network": None if aligned is None else {k: v.detach().cpu().clone() for k, v in aligned.items()},
         "network_args": {
             "in_channels": int(network.encoder[0][0].conv.in_channels),
             "channels": list(network.channels),
@@ -179,7 +185,7 @@ class AdaptedSegmenter(Inferer):
         self.working_size = int(state["working_size"])
         self.postprocessing = postprocessing
         self.refine_iterations = int(refine_iterations)
-        if state.get("features", "sam") != "sam" and features is None and "match" in self.sources:
+        if state.get("features", "sam") != "sam" and features is None and {"match", "aligned"} & set(self.sources):
             raise ValueError(
                 f"{model_path} was adapted with {state['features']} matching features: pass the same features"
             )
@@ -213,10 +219,17 @@ class AdaptedSegmenter(Inferer):
             ref_emb = self.sam.encode(ref_image)
             self.prototypes = class_prototypes(ref_emb, onehot[1:], self.sam.img_size)
         self.classifier = None
-        if "match" in self.sources:
+        if "match" in self.sources or "aligned" in self.sources:
             if state.get("classifier") is None:
                 raise ValueError(f"{model_path} has classes taken from the classifier but no classifier state")
             self.classifier = PatchClassifier().load_state_dict(state["classifier"])
+        self.aligned_network = None
+        if "aligned" in self.sources:
+            if state.get("aligned_network") is None:
+                raise ValueError(f"{model_path} has classes of source 'aligned' but no aligned_network")
+            aligned_network = WarpNet(**state["network_args"])
+            aligned_network.load_state_dict(state["aligned_network"], strict=True)
+            self.aligned_network = aligned_network.to(self.device).eval()
 
     def _network_for(self, fixed: torch.Tensor) -> WarpNet:
         """The adapted network, or a briefly fine-tuned copy of it for this image (``refine_iterations``)."""
@@ -261,16 +274,29 @@ class AdaptedSegmenter(Inferer):
                 parts["warp"] = self.steps.from_warped(soft, size, emb, self.prototypes)
             if "registration" in self.sources:
                 parts["registration"] = self.steps.from_warped(soft, size, None)
-        if "match" in self.sources:
-            if self.features is None:
-                feats = sam_patch_features(emb, self.sam.img_size)
-            else:
-                feats = self.features(image)
-            parts["match"] = self.steps.classifier_segment(self.classifier(feats, size), emb)
+        if "match" in self.sources or "aligned" in self.sources:
+            feats = sam_patch_features(emb, self.sam.img_size) if self.features is None else self.features(image)
+            grid = self.classifier(feats, tuple(feats.shape[1:]))
+            parts["match"] = self.steps.classifier_segment(self.classifier.upsample(grid, size), emb)
+            if "aligned" in self.sources:
+                parts["aligned"] = self._aligned(image, grid, emb) or parts["match"]
         logits = torch.stack([parts[s].logits[c] for c, s in enumerate(self.sources)])
         iou = torch.stack([parts[s].iou[c] for c, s in enumerate(self.sources)])
         found = torch.stack([parts[s].found[c] for c, s in enumerate(self.sources)])
         return Prediction(logits, iou, found)
+
+    def _aligned(self, image: np.ndarray, grid: torch.Tensor, emb) -> Prediction | None:
+        """The cohort run's ``aligned`` steps for one image (None where the classifier finds none of its classes)."""
+        classes = torch.tensor([s == "aligned" for s in self.sources])
+        size = tuple(image.shape[:2])
+        (pair,) = self.steps.aligned_frames(self.reference_label, classes, [grid], [size])
+        if pair is None:
+            return None
+        shape = tuple(self.reference_label.shape)
+        fixed = self.steps.aligned_image(image, *pair, shape)[None].to(self.device)
+        ddf = self.aligned_network(self.moving[None].to(self.device), fixed)
+        soft = self.aligned_network.warp_image(self.moving_label[None].to(self.device), ddf)[0].cpu()
+        return self.steps.from_aligned(soft, *pair, shape, emb)
 
     def label(self, image: np.ndarray) -> np.ndarray:
         """(H, W) class-index label map (0 background, 1..C), post-processed.

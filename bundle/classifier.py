@@ -137,4 +137,11 @@ class PatchClassifier:
             raise RuntimeError("PatchClassifier.fit must run before prediction")
         D, h, w = feats.shape
         p = torch.softmax(self.head(feats.float().cpu().reshape(D, -1).T), dim=1).T.reshape(-1, h, w)
-        return F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0]
+        return self.upsample(p, size)
+
+    @staticmethod
+    def upsample(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(C + 1, h, w) probabilities on the feature grid -> (C + 1, H, W) in the image frame (bilinear)."""
+        if tuple(probs.shape[-2:]) == tuple(size):
+            return probs
+        return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]

@@ -15,6 +15,7 @@ import re
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
@@ -218,6 +219,33 @@ class WarpTrainer(Engine):
             for name in os.listdir(self.checkpoint_dir):
                 if name.startswith("warp") and name.endswith(".pt"):
                     os.remove(os.path.join(self.checkpoint_dir, name))
+
+    @torch.no_grad()
+    def warp_similarity(self, margin: int = 3, batch_size: int = 16) -> torch.Tensor:
+        """How well the warp explains each target, per class: (N, K - 1) correlations in [-1, 1].
+
+        Pearson correlation between the warped reference image and the target inside the warped structure
+        grown by ``margin`` pixels (working frame). A warp that found the structure carries its appearance
+        along (high); one that lost a moving structure lands on other content (low). Classes warped to fewer
+        than 10 pixels score 0.
+        """
+        self.network.eval()
+        moving = self.moving[None].to(self.device)
+        label = self.moving_label[None, 1:].to(self.device)
+        out = []
+        for i in range(0, len(self.fixed), batch_size):
+            fixed = self.fixed[i : i + batch_size].to(self.device)
+            n = len(fixed)
+            ddf = self.network(moving, fixed)
+            image = self.network.warp_image(moving.expand(n, -1, -1, -1), ddf)
+            warped = (self.network.warp_image(label.expand(n, -1, -1, -1), ddf) > 0.5).float()
+            region = F.max_pool2d(warped, 2 * margin + 1, stride=1, padding=margin)
+            count = region.sum((2, 3))
+            a = (image - (image * region).sum((2, 3), keepdim=True) / count.clamp_min(1)[..., None, None]) * region
+            b = (fixed - (fixed * region).sum((2, 3), keepdim=True) / count.clamp_min(1)[..., None, None]) * region
+            ncc = (a * b).sum((2, 3)) / (a.pow(2).sum((2, 3)) * b.pow(2).sum((2, 3))).sqrt().clamp_min(1e-8)
+            out.append(torch.where(count >= 10, ncc, torch.zeros_like(ncc)).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def predict(self, batch_size: int = 16) -> torch.Tensor:

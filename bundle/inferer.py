@@ -8,11 +8,15 @@ Strategies (SPEC 2), one SAM backend and one prompt-to-mask step for all:
 - ``persam``: one positive and one negative point from prototype similarity, then a cascaded refinement.
 - ``registration``: the warped label itself, no SAM.
 - ``fused`` (default): warping and a patch classifier on the frozen features both propose a SAM mask per class;
-  per class, the cohort-wide agreement of the two decides which source the class takes (see ``fuse``).
+  per class, the cohort-wide agreement of the two and the warp's own similarity decide whether the warp found the
+  structure (see ``fuse``). Where it did not, the structure moves or changes size: the classifier says where it is
+  and how large, each target is pre-aligned to the reference accordingly (``bundle.alignment``) and a second
+  warping network outlines it there (source ``aligned``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from monai.inferers import Inferer
 from scipy import ndimage
 from tqdm import tqdm
 
+from bundle.alignment import Frame, combine_frames, from_reference, label_frame, probability_frame, to_reference
 from bundle.classifier import PatchClassifier, reference_views
 from bundle.engine import WarpTrainer
 from bundle.features import Dinov2Features, sam_patch_features
@@ -95,7 +100,11 @@ class OneShotInferer(Inferer):
         classifier: patch classifier of the ``fused`` strategy (a default one when None).
         self_training: rounds the classifier is retrained on SAM's answers for the targets.
         agreement: a class takes the warped prompts when the median Dice between the warp's and the classifier's
-            SAM masks over the cohort reaches this; otherwise it takes the classifier's.
+            SAM masks over the cohort reaches this; otherwise it takes the classifier's (unless ``warp_similarity``
+            keeps the warp).
+        warp_similarity: a class also keeps the warped prompts when the median correlation between the warped
+            reference and the target around the warped structure reaches this (the warp demonstrably found it, so
+            a disagreeing classifier is the one that is wrong); None turns this test off.
         features: matching features; the SAM encoder's when None, or e.g. ``Dinov2Features`` from a checkpoint.
         match_points: positive and as many negative points per class for ``match``.
         progress: progress bars.
@@ -115,6 +124,7 @@ class OneShotInferer(Inferer):
         classifier: PatchClassifier | None = None,
         self_training: int = 2,
         agreement: float = 0.73,
+        warp_similarity: float | None = 0.7,
         features: Dinov2Features | None = None,
         match_points: int = 8,
         progress: bool = True,
@@ -129,12 +139,13 @@ class OneShotInferer(Inferer):
         self.rounds, self.refine, self.refine_multimask = rounds, refine, refine_multimask
         self.pseudo_iou_weight, self.progress = pseudo_iou_weight, progress
         self.classifier = classifier or PatchClassifier()
-        self.self_training, self.agreement = self_training, agreement
+        self.self_training, self.agreement, self.warp_similarity = self_training, agreement, warp_similarity
         self.features, self.match_points = features, match_points
         self.embeddings: dict[str, Embedding] = {}
         self.feature_cache: dict[str, torch.Tensor] = {}
         self.timings: dict[str, float] = {}
         self.decisions: dict[str, dict] = {}
+        self.networks: dict[str, dict] = {}  # trained warping networks by source ("warp", "aligned"), for saving
 
     def _clock(self, stage: str, start: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + time.time() - start, 2)
@@ -174,7 +185,7 @@ class OneShotInferer(Inferer):
         whole cohort (warp training, the fused agreement, classifier self-training) but are not decoded where it
         does not; their entry is then None. ``tag`` names the warping checkpoints of this reference.
         """
-        self.decisions = {}
+        self.decisions, self.networks = {}, {}
         skip = skip or set()
         ref_onehot = one_hot(torch.from_numpy(ref_label), num_classes)
         cohort = self.strategy == "fused" or (self.strategy == "warp" and self.rounds > 0)
@@ -191,10 +202,15 @@ class OneShotInferer(Inferer):
         warped = self._warped(ref_image, ref_onehot, targets, num_classes, set() if cohort else skip, tag)
         if self.strategy != "fused":
             return warped
+        similarity = self.trainer.warp_similarity()
         start = time.time()
-        classified = self._classified(ref_image, ref_label, targets, num_classes)
+        classified, grids = self._classified(ref_image, ref_label, targets, num_classes)
         self._clock("classifier_s", start)
-        return self.fuse(warped, classified)
+        use_warp = self.choose(warped, classified, similarity)
+        if not use_warp.all():
+            aligned = self._aligned(ref_image, ref_label, ~use_warp, targets, grids, tag)
+            classified = [m if a is None else a for a, m in zip(aligned, classified)]
+        return self.combine(use_warp, warped, classified)
 
     # warp / registration --------------------------------------------------------------------------------------
     def _warped(self, ref_image, ref_onehot, targets, num_classes, skip, tag) -> list[Prediction | None]:
@@ -210,12 +226,7 @@ class OneShotInferer(Inferer):
         if use_sam and self.prompter.num_points > 0:  # the reference is encoded only for the points' prototypes
             prototypes = class_prototypes(self.embed("__reference__", ref_image), ref_onehot[1:], self.sam.img_size)
         rounds = self.rounds if use_sam else 0
-        first = self.trainer.resume()  # the last round a killed run of this job finished, if any
-        if first is None:
-            start = time.time()
-            self.trainer.fit()
-            self._clock("warp_training_s", start)
-            first = 0
+        first = self._fit()
         predictions: list[Prediction | None] = []
         for r in range(first, rounds + 1):
             start = time.time()
@@ -232,7 +243,18 @@ class OneShotInferer(Inferer):
                 start = time.time()
                 self._retrain(predictions, num_classes)
                 self._clock("warp_training_s", start)
+        self.networks["warp"] = copy.deepcopy(self.trainer.network.state_dict())
         return predictions
+
+    def _fit(self, stage: str = "warp_training_s") -> int:
+        """Resume the last round a killed run of this job finished, else train from scratch; returns that round."""
+        first = self.trainer.resume()
+        if first is None:
+            start = time.time()
+            self.trainer.fit()
+            self._clock(stage, start)
+            first = 0
+        return first
 
     def from_warped(
         self,
@@ -366,7 +388,9 @@ class OneShotInferer(Inferer):
         self._decode(embedding, prompts, False, logits, iou)
         return Prediction(logits, iou, valid, prompts)
 
-    def _classified(self, ref_image, ref_label, targets, num_classes) -> list[Prediction]:
+    def _classified(self, ref_image, ref_label, targets, num_classes) -> tuple[list[Prediction], list[torch.Tensor]]:
+        """The classifier's SAM masks per target and its last probability maps on the feature grid (C + 1, h, w)."""
+
         def soft(label: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
             oh = one_hot(torch.from_numpy(label), num_classes)
             return F.interpolate(oh[None].float(), size=grid, mode="area")[0]
@@ -378,11 +402,13 @@ class OneShotInferer(Inferer):
             base.append((feats, soft(lab, tuple(feats.shape[1:])), 1.0))
         self.classifier.fit(base, num_classes)
         predictions: list[Prediction] = []
+        grids: list[torch.Tensor] = []
         for r in range(self.self_training + 1):
-            predictions, pseudo = [], []
+            predictions, pseudo, grids = [], [], []
             for key, img in self._bar(targets, f"classifier round {r}"):
                 emb, feats = self.embeddings[key], self.patch_features(key, img)
-                pred = self.classifier_segment(self.classifier(feats, emb.original_size), emb)
+                grids.append(self.classifier(feats, tuple(feats.shape[1:])))
+                pred = self.classifier_segment(self.classifier.upsample(grids[-1], emb.original_size), emb)
                 predictions.append(pred)
                 pseudo.append(
                     (
@@ -393,36 +419,109 @@ class OneShotInferer(Inferer):
                 )
             if r < self.self_training:
                 self.classifier.fit(base + pseudo, num_classes)
-        return predictions
+        return predictions, grids
 
-    def fuse(self, warped: list[Prediction], classified: list[Prediction]) -> list[Prediction]:
-        """Per class, take the warp's masks when they agree with the classifier's over the cohort, else the latter's.
+    def choose(
+        self, warped: list[Prediction], classified: list[Prediction], similarity: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per class (C,), True where the warp found the structure; records the measurements in ``decisions``.
 
-        Agreement is the median Dice, over the targets, between the two SAM masks of a class. High agreement means
-        the anatomy sits where the warping puts it (e.g. chest X-rays), and the warp's mask prompt gives SAM a
-        better outline; low agreement means the structure moves or changes size (lesions, fetal heads) and the
-        warping lost it.
+        Agreement is the median Dice, over the targets, between the warp's and the classifier's SAM masks of a class.
+        High agreement means the anatomy sits where the warping puts it (e.g. chest X-rays), and the warp's mask
+        prompt gives SAM a better outline; low agreement means the structure moves or changes size (lesions, fetal
+        heads) and the warping lost it, or that the classifier is wrong. ``similarity`` (N, C) from
+        ``WarpTrainer.warp_similarity`` tells these apart: a class whose median reaches ``warp_similarity`` keeps
+        the warp whatever the agreement.
         """
         C = warped[0].logits.shape[0]
         pw, pc = [p.masks() for p in warped], [p.masks() for p in classified]
         use_warp = []
         for c in range(C):
             agree = float(np.median([_dice(a[c], b[c]) for a, b in zip(pw, pc)]))
-            use_warp.append(agree >= self.agreement)
-            self.decisions[f"class_{c + 1}"] = {
-                "agreement": round(agree, 3),
-                "source": "warp" if use_warp[-1] else "match",
-            }
+            decision = {"agreement": round(agree, 3)}
+            found = agree >= self.agreement
+            if similarity is not None:
+                sim = float(similarity[:, c].median())
+                decision["warp_similarity"] = round(sim, 3)
+                found |= self.warp_similarity is not None and sim >= self.warp_similarity
+            use_warp.append(found)
+            self.decisions[f"class_{c + 1}"] = {**decision, "source": "warp" if found else "aligned"}
         logger.info("fused strategy, per class: %s", self.decisions)
-        pick = torch.tensor(use_warp)
+        return torch.tensor(use_warp)
+
+    @staticmethod
+    def combine(use_warp: torch.Tensor, warped: list[Prediction], other: list[Prediction]) -> list[Prediction]:
+        """Per class, the warp's prediction where ``use_warp`` (C,) holds, else the other source's."""
         out = []
-        for w, m in zip(warped, classified):
+        for w, m in zip(warped, other):
             out.append(
                 Prediction(
-                    torch.where(pick[:, None, None], w.logits, m.logits),
-                    torch.where(pick, w.iou, m.iou),
-                    torch.where(pick, w.found, m.found),
-                    Prompts.choose(pick, w.prompts, m.prompts),
+                    torch.where(use_warp[:, None, None], w.logits, m.logits),
+                    torch.where(use_warp, w.iou, m.iou),
+                    torch.where(use_warp, w.found, m.found),
+                    Prompts.choose(use_warp, w.prompts, m.prompts),
                 )
             )
+        return out
+
+    def fuse(
+        self, warped: list[Prediction], classified: list[Prediction], similarity: torch.Tensor | None = None
+    ) -> list[Prediction]:
+        """``choose`` then ``combine``: the warp's masks where it found the structure, else the classifier's."""
+        return self.combine(self.choose(warped, classified, similarity), warped, classified)
+
+    def aligned_frames(
+        self, ref_label: np.ndarray, classes: torch.Tensor, grids: list[torch.Tensor], sizes: list[tuple[int, int]]
+    ) -> list[tuple[Frame, Frame] | None]:
+        """Per target, (its frame, the reference's frame) of ``classes`` (C,), from the classifier's grid
+        probabilities: each class's most probable region, combined over the classes found in both (None: none)."""
+        index = (torch.nonzero(classes)[:, 0] + 1).tolist()
+        reference = [label_frame(ref_label == c) for c in index]
+        pairs: list[tuple[Frame, Frame] | None] = []
+        for grid, size in zip(grids, sizes):
+            probs = self.classifier.upsample(grid, size)
+            frames = [probability_frame(probs[c].numpy()) for c in index]
+            keep = [i for i, (f, r) in enumerate(zip(frames, reference)) if f is not None and r is not None]
+            found = bool(keep)
+            pairs.append(
+                (combine_frames([frames[i] for i in keep]), combine_frames([reference[i] for i in keep]))
+                if found
+                else None
+            )
+        return pairs
+
+    def aligned_image(self, image: np.ndarray, frame: Frame, reference: Frame, shape: tuple[int, int]) -> torch.Tensor:
+        """A target resampled into the reference's frame, in the warping network's working frame (1, S, S)."""
+        aligned = to_reference(normalize_intensity(image), frame, reference, shape)
+        return to_working(torch.from_numpy(aligned)[None], self.working_size)
+
+    def from_aligned(
+        self, soft: torch.Tensor, frame: Frame, reference: Frame, shape: tuple[int, int], embedding: Embedding
+    ) -> Prediction:
+        """SAM on the prompts from a warped soft label (K, S, S) of an aligned pair, mapped back to the target."""
+        probs = from_reference(from_working(soft, shape)[1:], frame, reference, embedding.original_size)
+        return self.segment(embedding, probs.clamp(0, 1))
+
+    def _aligned(self, ref_image, ref_label, classes, targets, grids, tag) -> list[Prediction | None]:
+        """Warping on targets pre-aligned to the reference by where the classifier finds ``classes`` (C,) and how
+        large; None for a target where the classifier found none of them."""
+        shape = tuple(ref_label.shape)
+        pairs = self.aligned_frames(ref_label, classes, grids, [img.shape[:2] for _, img in targets])
+        found = [i for i, pair in enumerate(pairs) if pair is not None]
+        out: list[Prediction | None] = [None] * len(targets)
+        if not found:
+            return out
+        num_classes = int(classes.shape[0])
+        self.trainer.setup(
+            self._working(ref_image),
+            to_working(one_hot(torch.from_numpy(ref_label), num_classes), self.working_size, mode="nearest"),
+            torch.stack([self.aligned_image(targets[i][1], *pairs[i], shape) for i in found]),
+            f"{tag}_aligned",
+        )
+        self._fit("aligned_warp_training_s")
+        self.networks["aligned"] = copy.deepcopy(self.trainer.network.state_dict())
+        start = time.time()
+        for i, soft in zip(found, self._bar(self.trainer.predict(), "SAM aligned")):
+            out[i] = self.from_aligned(soft, *pairs[i], shape, self.embeddings[targets[i][0]])
+        self._clock("prompting_and_sam_decoding_s", start)
         return out

@@ -61,6 +61,48 @@ def adapted(lite_medsam, tmp_path_factory):
     return {"path": path, "inferer": inferer, "targets": targets, "preds": preds, "sam": lite_medsam}
 
 
+@pytest.fixture(scope="module")
+def adapted_aligned(lite_medsam, tmp_path_factory):
+    """A fused run whose thresholds send every class to the aligned warp (the warp is never trusted here)."""
+    ref_image, ref_label = _case(0)
+    targets = [(f"t{i}", _case(s)) for i, s in enumerate((2, 4, 5))]
+    trainer = WarpTrainer(
+        WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=20, progress=False
+    )
+    inferer = OneShotInferer(
+        lite_medsam,
+        trainer,
+        PromptGenerator(),
+        strategy="fused",
+        working_size=64,
+        classifier=PatchClassifier(iterations=60),
+        self_training=1,
+        agreement=1.01,
+        warp_similarity=None,
+        progress=False,
+    )
+    preds = inferer(ref_image, ref_label, 2, [(k, img) for k, (img, _) in targets])
+    path = str(tmp_path_factory.mktemp("adapted_aligned") / "model.pt")
+    save_adapted(path, inferer, ref_image, ref_label, [1, 2], ["left", "right"], {"strategy": "fused"})
+    return {"path": path, "inferer": inferer, "targets": targets, "preds": preds, "sam": lite_medsam}
+
+
+def test_aligned_sources_are_saved_and_reproduced(adapted_aligned):
+    inferer = adapted_aligned["inferer"]
+    assert [d["source"] for d in inferer.decisions.values()] == ["aligned", "aligned"]
+    state = load_adapted(adapted_aligned["path"])
+    assert state["decisions"] == ["aligned", "aligned"] and state["classifier"] is not None
+    # the two warping networks are both kept: the plain one under "network", the aligned one beside it
+    assert set(state["aligned_network"]) == set(state["network"])
+    assert any(not torch.equal(state["network"][k], state["aligned_network"][k]) for k in state["network"])
+    seg = AdaptedSegmenter(adapted_aligned["path"], sam=adapted_aligned["sam"])
+    for (key, (image, truth)), cohort in zip(adapted_aligned["targets"], adapted_aligned["preds"]):
+        pred = seg.predict(image)
+        assert torch.allclose(pred.logits, cohort.logits, atol=1e-3), key
+        for c in (1, 2):
+            assert _dice(cohort.label() == c, truth == c) > 0.6, (key, c)
+
+
 def test_saved_model_holds_network_reference_and_decisions(adapted):
     state = load_adapted(adapted["path"])
     assert set(state["network"]) == set(WarpNet().state_dict())  # Model Zoo exports it with --key_in_ckpt network

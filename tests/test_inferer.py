@@ -114,7 +114,7 @@ def test_match_reports_a_class_without_reference_pixels_as_not_found(lite_medsam
         assert not (pred.label() == 2).any()
 
 
-def test_fused_strategy_takes_the_classifier_where_the_object_moves(lite_medsam):
+def test_fused_strategy_aligns_by_the_classifier_where_the_object_moves(lite_medsam):
     ref_image, ref_label, targets = _moving_cohort()
     trainer = WarpTrainer(
         WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=10, progress=False
@@ -124,7 +124,8 @@ def test_fused_strategy_takes_the_classifier_where_the_object_moves(lite_medsam)
         lite_medsam, trainer, working_size=64, classifier=classifier, self_training=1, progress=False
     )
     preds = inferer(ref_image, ref_label, 1, [(k, img) for k, (img, _) in targets])
-    assert inferer.decisions["class_1"]["source"] == "match", inferer.decisions
+    assert inferer.decisions["class_1"]["source"] == "aligned", inferer.decisions
+    assert set(inferer.networks) == {"warp", "aligned"}
     assert np.mean([_dice(p.label() == 1, t == 1) for (_, (_, t)), p in zip(targets, preds)]) > 0.8
 
 
