@@ -46,7 +46,7 @@ __all__ = ["FORMAT_VERSION", "SOURCES", "save_adapted", "load_adapted", "Adapted
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: source "aligned" and its "aligned_network"
 SOURCES = ("warp", "aligned", "match", "registration")
 
 

@@ -35,16 +35,18 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-@pytest.fixture(scope="module")
-def adapted(lite_medsam, tmp_path_factory):
-    """A fused cohort run on a small synthetic cohort, saved as an adapted model; returns what the test needs."""
+def _fused_run(sam, folder, force: dict | None = None, **thresholds) -> dict:
+    """A fused cohort run on a small synthetic cohort, saved as an adapted model; returns what the tests need.
+
+    ``force`` overrides per-class decisions after the run; ``thresholds`` go to the inferer.
+    """
     ref_image, ref_label = _case(0)
     targets = [(f"t{i}", _case(s)) for i, s in enumerate((2, 4, 5))]
     trainer = WarpTrainer(
         WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=20, progress=False
     )
     inferer = OneShotInferer(
-        lite_medsam,
+        sam,
         trainer,
         PromptGenerator(),
         strategy="fused",
@@ -52,39 +54,28 @@ def adapted(lite_medsam, tmp_path_factory):
         classifier=PatchClassifier(iterations=60),
         self_training=1,
         progress=False,
+        **thresholds,
     )
     preds = inferer(ref_image, ref_label, 2, [(k, img) for k, (img, _) in targets])
-    # both sources must be exercised whatever the cohort decided: class 2 is forced onto the classifier's masks
-    inferer.decisions["class_2"] = {"agreement": 0.0, "source": "match"}
-    path = str(tmp_path_factory.mktemp("adapted") / "model.pt")
+    inferer.decisions.update(force or {})
+    path = str(folder / "model.pt")
     save_adapted(path, inferer, ref_image, ref_label, [1, 2], ["left", "right"], {"strategy": "fused"})
-    return {"path": path, "inferer": inferer, "targets": targets, "preds": preds, "sam": lite_medsam}
+    return {"path": path, "inferer": inferer, "targets": targets, "preds": preds, "sam": sam}
+
+
+@pytest.fixture(scope="module")
+def adapted(lite_medsam, tmp_path_factory):
+    # both kinds of source must be exercised whatever the cohort decided: class 2 is forced onto the classifier's
+    # masks (source "match", as models saved before 0.5.0 have it)
+    force = {"class_2": {"agreement": 0.0, "source": "match"}}
+    return _fused_run(lite_medsam, tmp_path_factory.mktemp("adapted"), force)
 
 
 @pytest.fixture(scope="module")
 def adapted_aligned(lite_medsam, tmp_path_factory):
-    """A fused run whose thresholds send every class to the aligned warp (the warp is never trusted here)."""
-    ref_image, ref_label = _case(0)
-    targets = [(f"t{i}", _case(s)) for i, s in enumerate((2, 4, 5))]
-    trainer = WarpTrainer(
-        WarpNet(), WarpingLoss(), reference_augmentation(64), batch_size=3, min_iterations=20, progress=False
-    )
-    inferer = OneShotInferer(
-        lite_medsam,
-        trainer,
-        PromptGenerator(),
-        strategy="fused",
-        working_size=64,
-        classifier=PatchClassifier(iterations=60),
-        self_training=1,
-        agreement=1.01,
-        warp_similarity=None,
-        progress=False,
-    )
-    preds = inferer(ref_image, ref_label, 2, [(k, img) for k, (img, _) in targets])
-    path = str(tmp_path_factory.mktemp("adapted_aligned") / "model.pt")
-    save_adapted(path, inferer, ref_image, ref_label, [1, 2], ["left", "right"], {"strategy": "fused"})
-    return {"path": path, "inferer": inferer, "targets": targets, "preds": preds, "sam": lite_medsam}
+    """Thresholds that send every class to the aligned warp (the warp is never trusted here)."""
+    folder = tmp_path_factory.mktemp("adapted_aligned")
+    return _fused_run(lite_medsam, folder, agreement=1.01, warp_similarity=None)
 
 
 def test_aligned_sources_are_saved_and_reproduced(adapted_aligned):

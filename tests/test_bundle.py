@@ -10,8 +10,9 @@ from PIL import Image
 
 from tests.conftest import ROOT, shared_dataset
 
-# measured on these 4 cases with the default config: HC18 74.7, PH2 92.8 (2-core CPU, seed 0)
-HC18_FLOOR, PH2_FLOOR = 65, 85
+# measured on these 4 cases with the default config: HC18 79.8, PH2 92.2 (2-core CPU, seed 0; 74.7 / 92.8 before the
+# aligned source)
+HC18_FLOOR, PH2_FLOOR = 70, 85
 
 
 def _run_bundle(out, *args):
@@ -28,7 +29,8 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert "Dice" in stdout and "mean" in stdout
     assert summary["num_images"] == 8 and summary["num_failed"] == 0
     assert set(summary["per_class"]) == {"right_lung", "left_lung", "heart"}
-    assert summary["dice_mean"] > 50
+    # 87.1 measured (seed 0, CPU); 75.7 when the fused strategy wrongly dropped the warp for the left lung
+    assert summary["dice_mean"] > 80 and summary["per_class"]["left_lung"] > 70, summary["strategy_decisions"]
     preds = sorted(os.listdir(tmp_path / "demo" / "predictions"))
     assert len(preds) == 8
     assert np.asarray(Image.open(tmp_path / "demo" / "predictions" / preds[0])).shape == (192, 192)
@@ -36,9 +38,10 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert (tmp_path / "demo" / "model.pt").exists()  # adapt once, infer many (configs/infer.yaml)
     assert summary["settings"]["strategy"] == "fused"
     assert set(summary["strategy_decisions"]) == {"class_1", "class_2", "class_3"}
-    assert {d["source"] for d in summary["strategy_decisions"].values()} <= {"warp", "match"}
+    assert [d["source"] for d in summary["strategy_decisions"].values()] == ["warp"] * 3  # anatomy in place
     assert summary["not_found"] == []
     stages = {"sam_encoding_s", "warp_training_s", "prompting_and_sam_decoding_s", "classifier_s"}
+    assert "aligned_warp_training_s" not in summary["seconds_by_stage"]  # no second network when the warp is kept
     assert set(summary["seconds_by_stage"]) >= stages
 
 
@@ -59,4 +62,4 @@ def test_real_cases_where_the_structure_moves_reach_a_dice_floor(tmp_path):
         summary, _ = _run_bundle(tmp_path / name, "--dataset_dir", shared_dataset(name), "--num_images", "4")
         assert summary["num_scored"] == 4
         assert summary["per_class"][structure] > floor, (name, summary["per_class"], summary["strategy_decisions"])
-        assert summary["strategy_decisions"]["class_1"]["source"] == "match", summary["strategy_decisions"]
+        assert summary["strategy_decisions"]["class_1"]["source"] == "aligned", summary["strategy_decisions"]
