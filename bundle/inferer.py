@@ -9,7 +9,7 @@ Strategies (SPEC 2), one SAM backend and one prompt-to-mask step for all:
 - ``registration``: the warped label itself, no SAM.
 - ``fused`` (default): warping and a patch classifier on the frozen features both propose a SAM mask per class;
   per class, the cohort-wide agreement of the two and the warp's own similarity decide whether the warp found the
-  structure (see ``fuse``). Where it did not, the structure moves or changes size: the classifier says where it is
+  structure (see ``choose``). Where it did not, the structure moves or changes size: the classifier says where it is
   and how large, each target is pre-aligned to the reference accordingly (``bundle.alignment``) and a second
   warping network outlines it there (source ``aligned``).
 """
@@ -482,12 +482,10 @@ class OneShotInferer(Inferer):
             probs = self.classifier.upsample(grid, size)
             frames = [probability_frame(probs[c].numpy()) for c in index]
             keep = [i for i, (f, r) in enumerate(zip(frames, reference)) if f is not None and r is not None]
-            found = bool(keep)
-            pairs.append(
-                (combine_frames([frames[i] for i in keep]), combine_frames([reference[i] for i in keep]))
-                if found
-                else None
-            )
+            if not keep:
+                pairs.append(None)
+                continue
+            pairs.append((combine_frames([frames[i] for i in keep]), combine_frames([reference[i] for i in keep])))
         return pairs
 
     def aligned_image(self, image: np.ndarray, frame: Frame, reference: Frame, shape: tuple[int, int]) -> torch.Tensor:
