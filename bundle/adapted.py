@@ -277,9 +277,10 @@ class AdaptedSegmenter(Inferer):
         if "match" in self.sources or "aligned" in self.sources:
             feats = sam_patch_features(emb, self.sam.img_size) if self.features is None else self.features(image)
             grid = self.classifier(feats, tuple(feats.shape[1:]))
-            parts["match"] = self.steps.classifier_segment(self.classifier.upsample(grid, size), emb)
-            if "aligned" in self.sources:
-                parts["aligned"] = self._aligned(image, grid, emb) or parts["match"]
+            aligned = self._aligned(image, grid, emb) if "aligned" in self.sources else None
+            if aligned is None or "match" in self.sources:  # the classifier's box: a source, or the fallback
+                parts["match"] = self.steps.classifier_segment(self.classifier.upsample(grid, size), emb)
+            parts["aligned"] = aligned or parts.get("match")
         logits = torch.stack([parts[s].logits[c] for c, s in enumerate(self.sources)])
         iou = torch.stack([parts[s].iou[c] for c, s in enumerate(self.sources)])
         found = torch.stack([parts[s].found[c] for c, s in enumerate(self.sources)])

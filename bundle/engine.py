@@ -220,6 +220,18 @@ class WarpTrainer(Engine):
                 if name.startswith("warp") and name.endswith(".pt"):
                     os.remove(os.path.join(self.checkpoint_dir, name))
 
+    def _warped_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(targets, displacement fields) batch by batch, the network in eval mode."""
+        self.network.eval()
+        moving = self.moving[None].to(self.device)
+        for i in range(0, len(self.fixed), batch_size):
+            fixed = self.fixed[i : i + batch_size].to(self.device)
+            yield fixed, self.network(moving, fixed)
+
+    def _warp(self, x: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Warp one (C, S, S) tensor of the reference with each field of the batch."""
+        return self.network.warp_image(x[None].to(self.device).expand(len(ddf), -1, -1, -1), ddf)
+
     @torch.no_grad()
     def warp_similarity(self, margin: int = 3, batch_size: int = 16) -> torch.Tensor:
         """How well the warp explains each target, per class: (N, K - 1) correlations in [-1, 1].
@@ -229,33 +241,21 @@ class WarpTrainer(Engine):
         along (high); one that lost a moving structure lands on other content (low). Classes warped to fewer
         than 10 pixels score 0.
         """
-        self.network.eval()
-        moving = self.moving[None].to(self.device)
-        label = self.moving_label[None, 1:].to(self.device)
         out = []
-        for i in range(0, len(self.fixed), batch_size):
-            fixed = self.fixed[i : i + batch_size].to(self.device)
-            n = len(fixed)
-            ddf = self.network(moving, fixed)
-            image = self.network.warp_image(moving.expand(n, -1, -1, -1), ddf)
-            warped = (self.network.warp_image(label.expand(n, -1, -1, -1), ddf) > 0.5).float()
-            region = F.max_pool2d(warped, 2 * margin + 1, stride=1, padding=margin)
-            count = region.sum((2, 3))
-            a = (image - (image * region).sum((2, 3), keepdim=True) / count.clamp_min(1)[..., None, None]) * region
-            b = (fixed - (fixed * region).sum((2, 3), keepdim=True) / count.clamp_min(1)[..., None, None]) * region
+        for fixed, ddf in self._warped_batches(batch_size):
+            image = self._warp(self.moving, ddf)
+            region = F.max_pool2d((self._warp(self.moving_label[1:], ddf) > 0.5).float(), 2 * margin + 1, 1, margin)
+            count = region.sum((2, 3), keepdim=True)
+
+            def centred(x: torch.Tensor) -> torch.Tensor:
+                return (x - (x * region).sum((2, 3), keepdim=True) / count.clamp_min(1)) * region
+
+            a, b = centred(image), centred(fixed)
             ncc = (a * b).sum((2, 3)) / (a.pow(2).sum((2, 3)) * b.pow(2).sum((2, 3))).sqrt().clamp_min(1e-8)
-            out.append(torch.where(count >= 10, ncc, torch.zeros_like(ncc)).cpu())
+            out.append(torch.where(count[..., 0, 0] >= 10, ncc, torch.zeros_like(ncc)).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def predict(self, batch_size: int = 16) -> torch.Tensor:
         """Warped reference label (N, K, S, S) for every target."""
-        self.network.eval()
-        moving = self.moving[None].to(self.device)
-        label = self.moving_label[None].to(self.device)
-        out = []
-        for i in range(0, len(self.fixed), batch_size):
-            fixed = self.fixed[i : i + batch_size].to(self.device)
-            ddf = self.network(moving, fixed)
-            out.append(self.network.warp_image(label.expand(len(fixed), -1, -1, -1), ddf).cpu())
-        return torch.cat(out)
+        return torch.cat([self._warp(self.moving_label, ddf).cpu() for _, ddf in self._warped_batches(batch_size)])
