@@ -46,7 +46,7 @@ __all__ = ["FORMAT_VERSION", "SOURCES", "save_adapted", "load_adapted", "Adapted
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: source "aligned" and its "aligned_network"
+FORMAT_VERSION = 3  # 2: source "aligned" and its "aligned_network"; 3: its candidate frames ("aligned_scales")
 SOURCES = ("warp", "aligned", "match", "registration")
 
 
@@ -121,6 +121,7 @@ def save_adapted(
             "threshold": inferer.prompter.threshold,
             "mask_logit": inferer.prompter.mask_logit,
         },
+        "aligned_scales": [float(s) for s in inferer.aligned_scales],
         "refine": int(inferer.refine),
         "refine_multimask": bool(inferer.refine_multimask),
         "features": "sam" if inferer.features is None else type(inferer.features).__name__,
@@ -209,8 +210,11 @@ class AdaptedSegmenter(Inferer):
             working_size=self.working_size,
             refine=int(state.get("refine", 0)),
             refine_multimask=bool(state.get("refine_multimask", False)),
+            aligned_scales=tuple(state.get("aligned_scales", (1.0,))),
             progress=False,
         )
+        # before version 3 the aligned source had one frame per image, not the best of several candidates
+        self.aligned_candidates = int(state.get("version", 0)) >= 3
         onehot = one_hot(ref_label, self.num_classes)
         self.moving = to_working(torch.from_numpy(normalize_intensity(ref_image))[None], self.working_size)
         self.moving_label = to_working(onehot, self.working_size, mode="nearest")
@@ -290,14 +294,17 @@ class AdaptedSegmenter(Inferer):
         """The cohort run's ``aligned`` steps for one image (None where the classifier finds none of its classes)."""
         classes = torch.tensor([s == "aligned" for s in self.sources])
         size = tuple(image.shape[:2])
-        (pair,) = self.steps.aligned_frames(self.reference_label, classes, [grid], [size])
-        if pair is None:
+        (candidates,) = self.steps.aligned_frames(self.reference_label, classes, [grid], [size])
+        if not candidates:
             return None
         shape = tuple(self.reference_label.shape)
-        fixed = self.steps.aligned_image(image, *pair, shape)[None].to(self.device)
-        ddf = self.aligned_network(self.moving[None].to(self.device), fixed)
-        soft = self.aligned_network.warp_image(self.moving_label[None].to(self.device), ddf)[0].cpu()
-        return self.steps.from_aligned(soft, *pair, shape, emb)
+        fixed = torch.stack([self.steps.aligned_image(image, *pair, shape) for pair in candidates])
+        if not self.aligned_candidates:
+            fixed = fixed[:1]
+        ddf = self.aligned_network(self.moving[None].to(self.device), fixed.to(self.device))
+        moving_label = self.moving_label[None].to(self.device).expand(len(fixed), -1, -1, -1)
+        softs = list(self.aligned_network.warp_image(moving_label, ddf).cpu())
+        return self.steps.best_aligned(softs, candidates, shape, emb, classes)
 
     def label(self, image: np.ndarray) -> np.ndarray:
         """(H, W) class-index label map (0 background, 1..C), post-processed.

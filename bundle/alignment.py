@@ -14,8 +14,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
-__all__ = ["Frame", "label_frame", "probability_frame", "combine_frames", "to_reference", "from_reference"]
+__all__ = [
+    "Frame",
+    "label_frame",
+    "probability_frame",
+    "probable_region",
+    "inscribed_circle",
+    "candidate_frames",
+    "combine_frames",
+    "solidity",
+    "to_reference",
+    "from_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -35,16 +47,56 @@ def label_frame(mask: np.ndarray) -> Frame | None:
     return Frame(float(xs.mean()), float(ys.mean()), float(np.sqrt(len(xs))))
 
 
-def probability_frame(prob: np.ndarray, threshold: float = 0.5) -> Frame | None:
-    """Frame of the most probable connected region of a (H, W) probability map (None when nothing reaches
-    ``threshold``): probability-weighted centre, size from the region's area."""
+def probable_region(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
+    """The most probable connected region of a (H, W) probability map above ``threshold`` (None when none)."""
     regions, n = ndimage.label(prob > threshold)
     if n == 0:
         return None
     mass = ndimage.sum(prob, regions, index=np.arange(1, n + 1))
-    ys, xs = np.nonzero(regions == int(np.argmax(mass)) + 1)
+    return regions == int(np.argmax(mass)) + 1
+
+
+def probability_frame(prob: np.ndarray, threshold: float = 0.5) -> Frame | None:
+    """Frame of the most probable connected region of a (H, W) probability map (None when nothing reaches
+    ``threshold``): probability-weighted centre, size from the region's area."""
+    region = probable_region(prob, threshold)
+    if region is None:
+        return None
+    ys, xs = np.nonzero(region)
     w = prob[ys, xs].astype(np.float64)
     return Frame(float((xs * w).sum() / w.sum()), float((ys * w).sum() / w.sum()), float(np.sqrt(len(xs))))
+
+
+def inscribed_circle(mask: np.ndarray) -> tuple[float, float, float]:
+    """Centre (x, y) and radius of the largest circle inside a non-empty binary mask (its deepest point)."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(x), float(y), float(depth[y, x])
+
+
+def candidate_frames(
+    prob: np.ndarray, reference: np.ndarray, scales: tuple[float, ...] = (1.0,), threshold: float = 0.5
+) -> list[Frame]:
+    """Guesses at a structure's frame from a (H, W) probability map, given its (RH, RW) reference mask.
+
+    A classifier's region can leak into neighbouring tissue (a fetal head's region into the body) or miss a
+    structure's rim; each guess fails differently, and the caller keeps the one whose segmentation looks best.
+    Per scale: the region's frame (``probability_frame``); its deepest point at the region's size; its deepest
+    point at the reference's size times the ratio of the inscribed circles' radii (blind to a leak through a neck).
+    Sizes are multiplied by the scale. The first guess is ``probability_frame``; [] when nothing reaches
+    ``threshold`` or the reference mask is empty.
+    """
+    region = probable_region(prob, threshold)
+    if region is None or not reference.any():
+        return []
+    frame = probability_frame(prob, threshold)
+    x, y, radius = inscribed_circle(region)
+    ref_radius = inscribed_circle(reference)[2]
+    by_depth = float(np.sqrt(reference.sum())) * radius / ref_radius
+    frames = []
+    for s in scales:
+        frames += [Frame(frame.x, frame.y, frame.size * s), Frame(x, y, frame.size * s), Frame(x, y, by_depth * s)]
+    return frames
 
 
 def combine_frames(frames: list[Frame]) -> Frame:
@@ -53,6 +105,16 @@ def combine_frames(frames: list[Frame]) -> Frame:
     x = float((areas * [f.x for f in frames]).sum() / areas.sum())
     y = float((areas * [f.y for f in frames]).sum() / areas.sum())
     return Frame(x, y, float(np.sqrt(areas.sum())))
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Area over convex-hull area of a binary mask's largest connected component (0 when empty)."""
+    regions, n = ndimage.label(mask)
+    if n == 0:
+        return 0.0
+    largest = regions == int(np.argmax(ndimage.sum(mask, regions, index=np.arange(1, n + 1)))) + 1
+    hull = convex_hull_image(largest)
+    return float(largest.sum() / hull.sum())
 
 
 def _sample(x: torch.Tensor, px: torch.Tensor, py: torch.Tensor, mode: str) -> torch.Tensor:

@@ -220,13 +220,17 @@ class WarpTrainer(Engine):
                 if name.startswith("warp") and name.endswith(".pt"):
                     os.remove(os.path.join(self.checkpoint_dir, name))
 
-    def _warped_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(targets, displacement fields) batch by batch, the network in eval mode."""
+    def _warped_batches(
+        self, batch_size: int, fixed: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(targets, displacement fields) batch by batch, the network in eval mode; ``fixed`` (N, 1, S, S) replaces
+        the training targets."""
         self.network.eval()
         moving = self.moving[None].to(self.device)
-        for i in range(0, len(self.fixed), batch_size):
-            fixed = self.fixed[i : i + batch_size].to(self.device)
-            yield fixed, self.network(moving, fixed)
+        fixed = self.fixed if fixed is None else fixed.float()
+        for i in range(0, len(fixed), batch_size):
+            batch = fixed[i : i + batch_size].to(self.device)
+            yield batch, self.network(moving, batch)
 
     def _warp(self, x: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """Warp one (C, S, S) tensor of the reference with each field of the batch."""
@@ -256,6 +260,7 @@ class WarpTrainer(Engine):
         return torch.cat(out)
 
     @torch.no_grad()
-    def predict(self, batch_size: int = 16) -> torch.Tensor:
-        """Warped reference label (N, K, S, S) for every target."""
-        return torch.cat([self._warp(self.moving_label, ddf).cpu() for _, ddf in self._warped_batches(batch_size)])
+    def predict(self, batch_size: int = 16, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Warped reference label (N, K, S, S) for every target, or for the images ``fixed`` (N, 1, S, S)."""
+        batches = self._warped_batches(batch_size, fixed)
+        return torch.cat([self._warp(self.moving_label, ddf).cpu() for _, ddf in batches])

@@ -11,7 +11,8 @@ Strategies (SPEC 2), one SAM backend and one prompt-to-mask step for all:
   per class, the cohort-wide agreement of the two and the warp's own similarity decide whether the warp found the
   structure (see ``choose``). Where it did not, the structure moves or changes size: the classifier says where it is
   and how large, each target is pre-aligned to the reference accordingly (``bundle.alignment``) and a second
-  warping network outlines it there (source ``aligned``).
+  warping network outlines it there (source ``aligned``); of several guesses at that frame, each target keeps the
+  one whose SAM mask scores best (``aligned_score``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from scipy import ndimage
 from tqdm import tqdm
 
-from bundle.alignment import Frame, combine_frames, from_reference, label_frame, probability_frame, to_reference
+from bundle.alignment import (
+    Frame,
+    candidate_frames,
+    combine_frames,
+    from_reference,
+    label_frame,
+    probable_region,
+    solidity,
+    to_reference,
+)
 from bundle.classifier import PatchClassifier, reference_views
 from bundle.engine import WarpTrainer
 from bundle.features import Dinov2Features, sam_patch_features
@@ -107,6 +116,7 @@ class OneShotInferer(Inferer):
             a disagreeing classifier is the one that is wrong); None turns this test off.
         features: matching features; the SAM encoder's when None, or e.g. ``Dinov2Features`` from a checkpoint.
         match_points: positive and as many negative points per class for ``match``.
+        aligned_scales: size factors of the candidate frames of the aligned source (``candidate_frames``).
         progress: progress bars.
     """
 
@@ -127,6 +137,7 @@ class OneShotInferer(Inferer):
         warp_similarity: float | None = 0.7,
         features: Dinov2Features | None = None,
         match_points: int = 8,
+        aligned_scales: tuple[float, ...] = (1.0, 1.15),
         progress: bool = True,
     ):
         super().__init__()
@@ -141,6 +152,7 @@ class OneShotInferer(Inferer):
         self.classifier = classifier or PatchClassifier()
         self.self_training, self.agreement, self.warp_similarity = self_training, agreement, warp_similarity
         self.features, self.match_points = features, match_points
+        self.aligned_scales = tuple(aligned_scales)
         self.embeddings: dict[str, Embedding] = {}
         self.feature_cache: dict[str, torch.Tensor] = {}
         self.timings: dict[str, float] = {}
@@ -376,13 +388,9 @@ class OneShotInferer(Inferer):
         boxes = np.zeros((C, 4), np.float32)
         valid = torch.zeros(C, dtype=torch.bool)
         for c in range(C):
-            p = probs[c + 1].numpy()
-            regions, n = ndimage.label(p > 0.5)
-            if n == 0:
-                continue
-            mass = ndimage.sum(p, regions, index=np.arange(1, n + 1))
-            boxes[c] = mask_to_box(regions == int(np.argmax(mass)) + 1)
-            valid[c] = True
+            region = probable_region(probs[c + 1].numpy())
+            if region is not None:
+                boxes[c], valid[c] = mask_to_box(region), True
         logits, iou = torch.full((C, *embedding.original_size), -20.0), torch.zeros(C)
         prompts = Prompts(torch.from_numpy(boxes), None, None, None, valid)
         self._decode(embedding, prompts, False, logits, iou)
@@ -472,21 +480,34 @@ class OneShotInferer(Inferer):
 
     def aligned_frames(
         self, ref_label: np.ndarray, classes: torch.Tensor, grids: list[torch.Tensor], sizes: list[tuple[int, int]]
-    ) -> list[tuple[Frame, Frame] | None]:
-        """Per target, (its frame, the reference's frame) of ``classes`` (C,), from the classifier's grid
-        probabilities: each class's most probable region, combined over the classes found in both (None: none)."""
+    ) -> list[list[tuple[Frame, Frame]]]:
+        """Per target, candidate (its frame, the reference's frame) pairs for ``classes`` (C,) from the classifier's
+        grid probabilities (``candidate_frames`` per class, combined over the classes found in both; [] for none).
+
+        The first candidate is the region's own frame, the one the aligned warping network trains on.
+        """
         index = (torch.nonzero(classes)[:, 0] + 1).tolist()
         reference = [label_frame(ref_label == c) for c in index]
-        pairs: list[tuple[Frame, Frame] | None] = []
+        out: list[list[tuple[Frame, Frame]]] = []
         for grid, size in zip(grids, sizes):
             probs = self.classifier.upsample(grid, size)
-            frames = [probability_frame(probs[c].numpy()) for c in index]
-            keep = [i for i, (f, r) in enumerate(zip(frames, reference)) if f is not None and r is not None]
+            frames = [candidate_frames(probs[c].numpy(), ref_label == c, self.aligned_scales) for c in index]
+            keep = [i for i, (f, r) in enumerate(zip(frames, reference)) if f and r is not None]
             if not keep:
-                pairs.append(None)
+                out.append([])
                 continue
-            pairs.append((combine_frames([frames[i] for i in keep]), combine_frames([reference[i] for i in keep])))
-        return pairs
+            ref = combine_frames([reference[i] for i in keep])
+            out.append([(combine_frames(list(guess)), ref) for guess in zip(*[frames[i] for i in keep])])
+        return out
+
+    def aligned_score(self, prediction: Prediction, classes: torch.Tensor) -> float:
+        """How good an aligned prediction looks over ``classes`` (C,): SAM's predicted IoU times the solidity of its
+        mask, averaged. Solidity penalises a mask that leaked into the tissue next to a structure."""
+        masks = prediction.masks()
+        index = torch.nonzero(classes & prediction.found)[:, 0].tolist()
+        if not index:
+            return 0.0
+        return float(np.mean([float(prediction.iou[c]) * solidity(masks[c]) for c in index]))
 
     def aligned_image(self, image: np.ndarray, frame: Frame, reference: Frame, shape: tuple[int, int]) -> torch.Tensor:
         """A target resampled into the reference's frame, in the warping network's working frame (1, S, S)."""
@@ -500,12 +521,30 @@ class OneShotInferer(Inferer):
         probs = from_reference(from_working(soft, shape)[1:], frame, reference, embedding.original_size)
         return self.segment(embedding, probs.clamp(0, 1))
 
+    def best_aligned(
+        self,
+        softs: list[torch.Tensor],
+        candidates: list[tuple[Frame, Frame]],
+        shape: tuple[int, int],
+        embedding: Embedding,
+        classes: torch.Tensor,
+    ) -> Prediction:
+        """SAM on each candidate's warped soft label (K, S, S) (``from_aligned``); the best by ``aligned_score``."""
+        best, best_score = None, -1.0
+        for soft, pair in zip(softs, candidates):
+            pred = self.from_aligned(soft, *pair, shape, embedding)
+            score = self.aligned_score(pred, classes)
+            if score > best_score:
+                best, best_score = pred, score
+        return best
+
     def _aligned(self, ref_image, ref_label, classes, targets, grids, tag) -> list[Prediction | None]:
         """Warping on targets pre-aligned to the reference by where the classifier finds ``classes`` (C,) and how
-        large; None for a target where the classifier found none of them."""
+        large; per target the best-scoring of its candidate frames (``aligned_score``); None where the classifier
+        found none of the classes."""
         shape = tuple(ref_label.shape)
-        pairs = self.aligned_frames(ref_label, classes, grids, [img.shape[:2] for _, img in targets])
-        found = [i for i, pair in enumerate(pairs) if pair is not None]
+        candidates = self.aligned_frames(ref_label, classes, grids, [img.shape[:2] for _, img in targets])
+        found = [i for i, c in enumerate(candidates) if c]
         out: list[Prediction | None] = [None] * len(targets)
         if not found:
             return out
@@ -513,13 +552,18 @@ class OneShotInferer(Inferer):
         self.trainer.setup(
             self._working(ref_image),
             to_working(one_hot(torch.from_numpy(ref_label), num_classes), self.working_size, mode="nearest"),
-            torch.stack([self.aligned_image(targets[i][1], *pairs[i], shape) for i in found]),
+            torch.stack([self.aligned_image(targets[i][1], *candidates[i][0], shape) for i in found]),
             f"{tag}_aligned",
         )
         self._fit("aligned_warp_training_s")
         self.networks["aligned"] = copy.deepcopy(self.trainer.network.state_dict())
         start = time.time()
-        for i, soft in zip(found, self._bar(self.trainer.predict(), "SAM aligned")):
-            out[i] = self.from_aligned(soft, *pairs[i], shape, self.embeddings[targets[i][0]])
+        softs: list[list[torch.Tensor]] = [[] for _ in targets]
+        for j in range(len(candidates[found[0]])):
+            fixed = torch.stack([self.aligned_image(targets[i][1], *candidates[i][j], shape) for i in found])
+            for i, soft in zip(found, self.trainer.predict(fixed=fixed)):
+                softs[i].append(soft)
+        for i in self._bar(found, "SAM aligned"):
+            out[i] = self.best_aligned(softs[i], candidates[i], shape, self.embeddings[targets[i][0]], classes)
         self._clock("prompting_and_sam_decoding_s", start)
         return out

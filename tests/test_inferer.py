@@ -143,3 +143,32 @@ def test_fuse_picks_the_source_per_class_by_cohort_agreement(lite_medsam):
     for p in fused:
         assert (p.label() == 1).sum() > 0 and _dice(p.label() == 1, a) == 1.0
         assert _dice(p.label() == 2, far) == 1.0
+
+
+def test_aligned_score_prefers_a_compact_confident_mask_over_a_leaked_one(lite_medsam):
+    from bundle.inferer import Prediction
+
+    size = (80, 100)
+    head = disk(size, (30, 40), 15)
+    leaked = head.copy()
+    leaked[44:70, 10:90] = True  # the mask ran into the neighbouring tissue
+    inferer = OneShotInferer(lite_medsam, strategy="match", progress=False)
+
+    def pred(masks, iou):
+        return Prediction(torch.where(torch.from_numpy(np.stack(masks)), 5.0, -5.0), torch.tensor(iou))
+
+    both = torch.tensor([True, True])
+    # same SAM confidence: the leak loses; much lower confidence outweighs compactness
+    assert inferer.aligned_score(pred([head, head], [0.9, 0.9]), both) > inferer.aligned_score(
+        pred([leaked, head], [0.9, 0.9]), both
+    )
+    assert inferer.aligned_score(pred([head, head], [0.3, 0.3]), both) < inferer.aligned_score(
+        pred([leaked, leaked], [0.95, 0.95]), both
+    )
+    # only the aligned classes count, and a class with nothing found scores nothing
+    only_first = torch.tensor([True, False])
+    assert inferer.aligned_score(pred([head, leaked], [0.9, 0.1]), only_first) == pytest.approx(
+        0.9 * inferer.aligned_score(pred([head], [1.0]), torch.tensor([True])), rel=1e-6
+    )
+    empty = np.zeros(size, bool)
+    assert inferer.aligned_score(pred([empty, empty], [0.9, 0.9]), both) == 0.0
