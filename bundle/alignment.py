@@ -109,12 +109,10 @@ def combine_frames(frames: list[Frame]) -> Frame:
 
 def solidity(mask: np.ndarray) -> float:
     """Area over convex-hull area of a binary mask's largest connected component (0 when empty)."""
-    regions, n = ndimage.label(mask)
-    if n == 0:
+    largest = probable_region(np.asarray(mask, np.float32))
+    if largest is None:
         return 0.0
-    largest = regions == int(np.argmax(ndimage.sum(mask, regions, index=np.arange(1, n + 1)))) + 1
-    hull = convex_hull_image(largest)
-    return float(largest.sum() / hull.sum())
+    return float(largest.sum() / convex_hull_image(largest).sum())
 
 
 def _sample(x: torch.Tensor, px: torch.Tensor, py: torch.Tensor, mode: str) -> torch.Tensor:

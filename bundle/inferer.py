@@ -559,8 +559,10 @@ class OneShotInferer(Inferer):
         self.networks["aligned"] = copy.deepcopy(self.trainer.network.state_dict())
         start = time.time()
         softs: list[list[torch.Tensor]] = [[] for _ in targets]
+        fixed = self.trainer.fixed  # the first candidates: the training images
         for j in range(len(candidates[found[0]])):
-            fixed = torch.stack([self.aligned_image(targets[i][1], *candidates[i][j], shape) for i in found])
+            if j:
+                fixed = torch.stack([self.aligned_image(targets[i][1], *candidates[i][j], shape) for i in found])
             for i, soft in zip(found, self.trainer.predict(fixed=fixed)):
                 softs[i].append(soft)
         for i in self._bar(found, "SAM aligned"):
