@@ -304,7 +304,7 @@ class AdaptedSegmenter(Inferer):
         ddf = self.aligned_network(self.moving[None].to(self.device), fixed.to(self.device))
         moving_label = self.moving_label[None].to(self.device).expand(len(fixed), -1, -1, -1)
         softs = list(self.aligned_network.warp_image(moving_label, ddf).cpu())
-        return self.steps.best_aligned(softs, candidates, shape, emb, classes)
+        return self.steps.best_aligned(softs, candidates, shape, image, emb, classes)
 
     def label(self, image: np.ndarray) -> np.ndarray:
         """(H, W) class-index label map (0 background, 1..C), post-processed.

@@ -25,6 +25,8 @@ __all__ = [
     "candidate_frames",
     "combine_frames",
     "solidity",
+    "gradient_magnitude",
+    "boundary_strength",
     "to_reference",
     "from_reference",
 ]
@@ -113,6 +115,21 @@ def solidity(mask: np.ndarray) -> float:
     if largest is None:
         return 0.0
     return float(largest.sum() / convex_hull_image(largest).sum())
+
+
+def gradient_magnitude(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """Gaussian gradient magnitude of a (H, W[, C]) image (channels averaged), relative to its mean over the image."""
+    grey = np.asarray(image, np.float32)
+    grey = grey.mean(-1) if grey.ndim == 3 else grey
+    gradient = ndimage.gaussian_gradient_magnitude(grey, sigma)
+    return gradient / max(float(gradient.mean()), 1e-6)
+
+
+def boundary_strength(gradient: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of ``gradient`` (``gradient_magnitude``) on the pixels just outside a binary mask (0 when empty): how
+    much the mask's outline follows edges of the image."""
+    outline = ndimage.binary_dilation(mask) & ~mask
+    return float(gradient[outline].mean()) if outline.any() else 0.0
 
 
 def _sample(x: torch.Tensor, px: torch.Tensor, py: torch.Tensor, mode: str) -> torch.Tensor:

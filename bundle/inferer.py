@@ -26,13 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
+from scipy import ndimage
 from tqdm import tqdm
 
 from bundle.alignment import (
     Frame,
+    boundary_strength,
     candidate_frames,
     combine_frames,
     from_reference,
+    gradient_magnitude,
     label_frame,
     probable_region,
     solidity,
@@ -500,14 +503,22 @@ class OneShotInferer(Inferer):
             out.append([(combine_frames(list(guess)), ref) for guess in zip(*[frames[i] for i in keep])])
         return out
 
-    def aligned_score(self, prediction: Prediction, classes: torch.Tensor) -> float:
-        """How good an aligned prediction looks over ``classes`` (C,): SAM's predicted IoU times the solidity of its
-        mask, averaged. Solidity penalises a mask that leaked into the tissue next to a structure."""
+    def aligned_score(self, prediction: Prediction, classes: torch.Tensor, gradient: np.ndarray | None = None) -> float:
+        """How good an aligned prediction looks over ``classes`` (C,), averaged: SAM's predicted IoU times the solidity
+        of the mask's largest component (a mask that leaked into the tissue next to a structure is less convex),
+        times, given the image's ``gradient_magnitude``, the square root of how strongly its outline follows image
+        edges (a mask that stopped inside the fluid around a fetal head, or in the skin around a lesion, does not)."""
         masks = prediction.masks()
-        index = torch.nonzero(classes & prediction.found)[:, 0].tolist()
-        if not index:
-            return 0.0
-        return float(np.mean([float(prediction.iou[c]) * solidity(masks[c]) for c in index]))
+        scores = []
+        for c in torch.nonzero(classes & prediction.found)[:, 0].tolist():
+            region = probable_region(masks[c].astype(np.float32))
+            if region is None:
+                scores.append(0.0)
+                continue
+            region = ndimage.binary_fill_holes(region)
+            score = float(prediction.iou[c]) * solidity(region)
+            scores.append(score if gradient is None else score * np.sqrt(boundary_strength(gradient, region)))
+        return float(np.mean(scores)) if scores else 0.0
 
     def aligned_image(self, image: np.ndarray, frame: Frame, reference: Frame, shape: tuple[int, int]) -> torch.Tensor:
         """A target resampled into the reference's frame, in the warping network's working frame (1, S, S)."""
@@ -526,14 +537,17 @@ class OneShotInferer(Inferer):
         softs: list[torch.Tensor],
         candidates: list[tuple[Frame, Frame]],
         shape: tuple[int, int],
+        image: np.ndarray,
         embedding: Embedding,
         classes: torch.Tensor,
     ) -> Prediction:
-        """SAM on each candidate's warped soft label (K, S, S) (``from_aligned``); the best by ``aligned_score``."""
+        """SAM on each candidate's warped soft label (K, S, S) (``from_aligned``) for the target ``image``; the best
+        by ``aligned_score``."""
+        gradient = gradient_magnitude(image)
         best, best_score = None, -1.0
         for soft, pair in zip(softs, candidates):
             pred = self.from_aligned(soft, *pair, shape, embedding)
-            score = self.aligned_score(pred, classes)
+            score = self.aligned_score(pred, classes, gradient)
             if score > best_score:
                 best, best_score = pred, score
         return best
@@ -566,6 +580,7 @@ class OneShotInferer(Inferer):
             for i, soft in zip(found, self.trainer.predict(fixed=fixed)):
                 softs[i].append(soft)
         for i in self._bar(found, "SAM aligned"):
-            out[i] = self.best_aligned(softs[i], candidates[i], shape, self.embeddings[targets[i][0]], classes)
+            key, image = targets[i]
+            out[i] = self.best_aligned(softs[i], candidates[i], shape, image, self.embeddings[key], classes)
         self._clock("prompting_and_sam_decoding_s", start)
         return out

@@ -3,8 +3,10 @@ import torch
 
 from bundle.alignment import (
     Frame,
+    boundary_strength,
     candidate_frames,
     from_reference,
+    gradient_magnitude,
     inscribed_circle,
     label_frame,
     probability_frame,
@@ -108,3 +110,17 @@ def test_solidity_penalises_a_leaked_mask():
     # the largest component counts, not the gap between components
     big = disk((60, 60), (15, 15), 10)
     assert solidity(big | disk((60, 60), (45, 45), 5)) == solidity(big)
+
+
+def test_boundary_strength_is_high_only_where_the_outline_follows_an_edge():
+    size = (100, 120)
+    structure = disk(size, (50, 60), 20)
+    image = np.where(structure, 200.0, 60.0).astype(np.float32)
+    image += np.random.default_rng(0).normal(0, 2, size).astype(np.float32)
+    gradient = gradient_magnitude(np.stack([image] * 3, -1))  # channels are averaged
+    assert gradient.shape == size and abs(gradient.mean() - 1) < 1e-4
+    on_edge = boundary_strength(gradient, structure)
+    assert on_edge > 4  # the outline sits on the structure's edge: several times the image's mean gradient
+    assert boundary_strength(gradient, disk(size, (50, 60), 30)) < 0.5  # leaked into the flat surroundings
+    assert boundary_strength(gradient, disk(size, (50, 60), 10)) < 0.5  # stopped inside the structure
+    assert boundary_strength(gradient, np.zeros(size, bool)) == 0.0

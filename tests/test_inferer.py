@@ -172,3 +172,24 @@ def test_aligned_score_prefers_a_compact_confident_mask_over_a_leaked_one(lite_m
     )
     empty = np.zeros(size, bool)
     assert inferer.aligned_score(pred([empty, empty], [0.9, 0.9]), both) == 0.0
+
+
+def test_aligned_score_with_the_image_prefers_the_mask_on_the_structures_edge(lite_medsam):
+    from bundle.alignment import gradient_magnitude
+    from bundle.inferer import Prediction
+
+    size = (80, 100)
+    structure = disk(size, (40, 50), 15)
+    image = np.where(structure, 200.0, 60.0)  # a bright structure in dark fluid
+    gradient = gradient_magnitude(image.astype(np.float32))
+    inferer = OneShotInferer(lite_medsam, strategy="match", progress=False)
+    one = torch.tensor([True])
+
+    def pred(mask, iou):
+        return Prediction(torch.where(torch.from_numpy(mask[None]), 5.0, -5.0), torch.tensor([iou]))
+
+    # structure + fluid is as convex and SAM is more confident about it: only the outline tells them apart
+    with_fluid = pred(disk(size, (40, 50), 28), 0.9)
+    alone = pred(structure, 0.85)
+    assert inferer.aligned_score(with_fluid, one) > inferer.aligned_score(alone, one)
+    assert inferer.aligned_score(alone, one, gradient) > inferer.aligned_score(with_fluid, one, gradient)
