@@ -15,7 +15,6 @@ import re
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
@@ -219,48 +218,3 @@ class WarpTrainer(Engine):
             for name in os.listdir(self.checkpoint_dir):
                 if name.startswith("warp") and name.endswith(".pt"):
                     os.remove(os.path.join(self.checkpoint_dir, name))
-
-    def _warped_batches(
-        self, batch_size: int, fixed: torch.Tensor | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(targets, displacement fields) batch by batch, the network in eval mode; ``fixed`` (N, 1, S, S) replaces
-        the training targets."""
-        self.network.eval()
-        moving = self.moving[None].to(self.device)
-        fixed = self.fixed if fixed is None else fixed.float()
-        for i in range(0, len(fixed), batch_size):
-            batch = fixed[i : i + batch_size].to(self.device)
-            yield batch, self.network(moving, batch)
-
-    def _warp(self, x: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        """Warp one (C, S, S) tensor of the reference with each field of the batch."""
-        return self.network.warp_image(x[None].to(self.device).expand(len(ddf), -1, -1, -1), ddf)
-
-    @torch.no_grad()
-    def warp_similarity(self, margin: int = 3, batch_size: int = 16) -> torch.Tensor:
-        """How well the warp explains each target, per class: (N, K - 1) correlations in [-1, 1].
-
-        Pearson correlation between the warped reference image and the target inside the warped structure
-        grown by ``margin`` pixels (working frame). A warp that found the structure carries its appearance
-        along (high); one that lost a moving structure lands on other content (low). Classes warped to fewer
-        than 10 pixels score 0.
-        """
-        out = []
-        for fixed, ddf in self._warped_batches(batch_size):
-            image = self._warp(self.moving, ddf)
-            region = F.max_pool2d((self._warp(self.moving_label[1:], ddf) > 0.5).float(), 2 * margin + 1, 1, margin)
-            count = region.sum((2, 3), keepdim=True)
-
-            def centred(x: torch.Tensor) -> torch.Tensor:
-                return (x - (x * region).sum((2, 3), keepdim=True) / count.clamp_min(1)) * region
-
-            a, b = centred(image), centred(fixed)
-            ncc = (a * b).sum((2, 3)) / (a.pow(2).sum((2, 3)) * b.pow(2).sum((2, 3))).sqrt().clamp_min(1e-8)
-            out.append(torch.where(count[..., 0, 0] >= 10, ncc, torch.zeros_like(ncc)).cpu())
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def predict(self, batch_size: int = 16, fixed: torch.Tensor | None = None) -> torch.Tensor:
-        """Warped reference label (N, K, S, S) for every target, or for the images ``fixed`` (N, 1, S, S)."""
-        batches = self._warped_batches(batch_size, fixed)
-        return torch.cat([self._warp(self.moving_label, ddf).cpu() for _, ddf in batches])

@@ -54,6 +54,7 @@ class WarpNet(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.channels = tuple(channels)
+        self.hidden = hidden
         self.encoder = nn.ModuleList()
         prev = in_channels
         for ch in self.channels:
@@ -76,6 +77,10 @@ class WarpNet(nn.Module):
             self.flow_out.append(head)
         self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.register_buffer("identity", torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), persistent=False)
+
+    def config(self) -> dict:
+        """Constructor arguments: ``WarpNet(**net.config())`` builds the same architecture."""
+        return {"in_channels": self.in_channels, "channels": list(self.channels), "hidden": self.hidden}
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []

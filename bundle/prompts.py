@@ -142,6 +142,17 @@ class PromptGenerator:
         self.use_box, self.use_mask, self.num_points = use_box, use_mask, num_points
         self.band, self.threshold, self.mask_logit = band, threshold, mask_logit
 
+    def settings(self) -> dict:
+        """Constructor arguments, for saving with a fitted model."""
+        return {
+            "use_box": self.use_box,
+            "use_mask": self.use_mask,
+            "num_points": self.num_points,
+            "band": self.band,
+            "threshold": self.threshold,
+            "mask_logit": self.mask_logit,
+        }
+
     def __call__(
         self,
         sam: SamBackend,

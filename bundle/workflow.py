@@ -1,436 +1,256 @@
-"""The cohort run: read and check the reference, read the targets, segment, post-process, write and score."""
+"""Runs: the cohort run (fit the sources on the reference and the cohort, then apply the fitted model to every
+target) and the adapted run (apply a saved model to new images). Both read and prepare targets through the
+``dataset``, segment and write through the ``evaluator`` and summarise the same way."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from bundle.adapted import save_adapted
-from bundle.demo import make_demo_dataset
-from bundle.dicom import read_dicom_datasets, read_dicom_series, write_dicom_seg
-from bundle.inferer import OneShotInferer
-from bundle.io import (
-    Case,
-    InvalidReferenceError,
-    Volume,
-    check_target,
-    load_datalist,
-    output_name,
-    read_label_volume,
-    read_target,
-    read_volume,
-    save_prediction,
-    to_class_index,
-)
-from bundle.metrics import class_scores, summarize
-from bundle.report import write_json, write_tables
-from bundle.transforms import resize_label, scale_intensity, shrink
-from bundle.visualize import montage, overlay, save_overlay
+from bundle.dataset import CohortDataset, ImageDataset, Target
+from bundle.engine import WarpTrainer
+from bundle.evaluator import OneShotEvaluator, output_paths
+from bundle.job import fingerprint
+from bundle.metrics import summarize
+from bundle.model import OneShotModel, load_model_file
+from bundle.reference import check_reference
+from bundle.report import write_json
+from bundle.sources import Cohort, Source
+from bundle.store import EmbeddingStore, Reference
+from bundle.transforms import shrink
 
-__all__ = ["OneShotSegmentation", "Reference", "check_reference", "check_target"]
+__all__ = ["OneShotSegmentation", "AdaptedSegmentation"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Reference:
-    """One reference slice and the classes (indices into the class list, 0-based) it is the reference for."""
+class _Run:
+    """Reading targets, applying a model and the summary, shared by both runs."""
 
-    image: np.ndarray  # (H, W[, 3]), display range
-    label: np.ndarray  # (H, W) class indices 1..len(classes) of this group
-    classes: list[int]
-    slice_index: int = 0
+    dataset: CohortDataset | ImageDataset
+    evaluator: OneShotEvaluator
+    output_dir: str
+    fail_on_errors: bool
 
-
-def check_reference(
-    case: Case,
-    class_values: list[int] | None = None,
-    slice_axis: int = -1,
-    reference_slice: int | None = None,
-    window: tuple[float, float] | None = None,
-) -> tuple[list[Reference], list[int]]:
-    """Read the reference and fail with one clear message naming the file when it cannot serve as a reference.
-
-    A labelled volume is cut into slices; unless ``reference_slice`` names one, each class takes the slice where it
-    has the largest area, and classes sharing a slice share a reference. Returns the references and the label
-    values of the classes (sorted, background 0 excluded).
-    """
-    if not os.path.exists(case.image_path):
-        raise InvalidReferenceError(f"reference image not found: {case.image_path}")
-    if not case.label_path:
-        raise InvalidReferenceError(f"reference image {case.image_path} has no label map")
-    if not os.path.exists(case.label_path):
-        raise InvalidReferenceError(f"reference label not found: {case.label_path}")
-    try:
-        volume = read_volume(case.image_path, slice_axis)
-    except Exception as e:  # noqa: BLE001 - any reader failure is reported the same way
-        raise InvalidReferenceError(f"reference image {case.image_path} cannot be read: {e}") from e
-    try:
-        label = read_label_volume(case.label_path, volume)
-    except Exception as e:  # noqa: BLE001
-        raise InvalidReferenceError(f"reference label {case.label_path} cannot be read: {e}") from e
-    if volume.slices.shape[:3] != label.shape:
-        raise InvalidReferenceError(
-            f"reference label {case.label_path} is {_size(label.shape)} but the image {case.image_path} is "
-            f"{_size(volume.slices.shape[:3])}"
-        )
-    present = sorted(int(v) for v in np.unique(label) if v != 0)
-    if not present:
-        raise InvalidReferenceError(f"reference label {case.label_path} is empty (no foreground pixel)")
-    problem = check_target(volume.slices)
-    if problem:
-        raise InvalidReferenceError(f"reference image {case.image_path}: {problem}")
-    if class_values:
-        missing = [v for v in class_values if v not in present]
-        extra = [v for v in present if v not in class_values]
-        if missing or extra:
-            raise InvalidReferenceError(
-                f"reference label {case.label_path} has values {present}; the class map expects {class_values}"
-                + (f" (missing {missing})" if missing else "")
-                + (f" (unknown {extra})" if extra else "")
-            )
-    class_values = class_values or present
-    index = to_class_index(label, class_values)
-    if reference_slice is not None:
-        if not 0 <= reference_slice < len(index):
-            raise InvalidReferenceError(
-                f"reference_slice {reference_slice} is outside {case.image_path} ({len(index)} slices)"
-            )
-        best = [int(reference_slice)] * len(class_values)
-    else:
-        areas = np.stack([(index == c + 1).reshape(len(index), -1).sum(1) for c in range(len(class_values))])
-        best = areas.argmax(1).tolist()
-    image = scale_intensity(volume.slices, window)
-    refs = []
-    for z in sorted(set(best)):
-        classes = [c for c in range(len(class_values)) if best[c] == z]
-        lut = np.zeros(len(class_values) + 1, np.int64)
-        lut[[c + 1 for c in classes]] = np.arange(1, len(classes) + 1)
-        group = lut[index[z]]
-        if not group.any():
-            raise InvalidReferenceError(
-                f"reference slice {z} of {case.label_path} has none of the classes {[class_values[c] for c in classes]}"
-            )
-        refs.append(Reference(image[z], group, classes, z))
-    return refs, class_values
-
-
-def _size(shape: tuple[int, ...]) -> str:
-    return f"{shape[2]}x{shape[1]} px" if shape[0] == 1 else f"{shape[0]} slices of {shape[2]}x{shape[1]} px"
-
-
-def dicom_order(path: str, volume: Volume) -> int | None:
-    """How the DICOM files behind ``volume`` line up with its slices: 1 (as read by ``read_dicom_datasets``), -1
-    (reversed), or None when they cannot be matched (no DICOM SEG is written then)."""
-    try:
-        _, pixels = read_dicom_series(path)
-    except ValueError as e:
-        logger.warning("no DICOM SEG for %s (NIfTI only): %s", path, e)
-        return None
-    raw = volume.slices
-    scale = max(float(raw.max() - raw.min()), 1e-6)
-    for step in (1, -1):
-        # decoders of compressed files may differ by a grey level or two: compare within 1 % of the range
-        if pixels.shape == raw.shape and float(np.abs(pixels[::step] - raw).mean()) < 0.01 * scale:
-            return step
-    logger.warning("no DICOM SEG for %s (NIfTI only): its slices do not match the files' pixel data", path)
-    return None
-
-
-@dataclass
-class Target:
-    """A target input read and cut into slices; ``keys`` name the slices the inferer segments (None: left empty)."""
-
-    case: Case
-    volume: Volume  # geometry only: the full-resolution pixels are dropped once the slices are made
-    shape: tuple[int, int, int] = (0, 0, 0)  # (Z, H, W) of the input
-    keys: list[str | None] = field(default_factory=list)
-    dicom_order: int | None = None  # set for DICOM input whose files line up with the slices: a SEG is written
-    done: bool = False
-
-
-class OneShotSegmentation:
-    """Segments every target of a dataset from its one labelled reference and writes the results.
-
-    Args:
-        inferer: the one-shot inferer (strategy, SAM backend, warping trainer).
-        output_dir: where predictions, metrics, summary and overlays go.
-        dataset_dir: folder with a decathlon ``dataset.json``; None runs the synthetic demo.
-        reference_image / reference_label: explicit reference (default: first labelled case by image name).
-        num_images: at most this many targets (None or 0: all).
-        postprocessing: callable on a (1, H, W) label tensor (MONAI transforms), or None.
-        num_overlays: how many overlay pictures to write.
-        settings: resolved settings recorded in the summary (and in the resume fingerprint).
-        slice_axis: spatial axis (of the MONAI array: 0 x, 1 y, 2 z) 3D inputs are cut along.
-        reference_slice: the slice of a labelled reference volume to use (default: per class, its largest).
-        window: CT-style (level, width) intensity window; None: percentile clipping for non-8-bit images.
-        max_size: slices with a longer side are processed at this size; outputs are at the input's size.
-        resume: reuse the checkpoints and finished predictions of an earlier run of the same job in ``output_dir``.
-        fail_on_errors: exit with status 1 (after writing everything) when any target failed.
-        adapted_model: where to save what the run learned for new single images (``bundle.adapted``); None: not saved.
-    """
-
-    def __init__(
-        self,
-        inferer: OneShotInferer,
-        output_dir: str,
-        dataset_dir: str | None = None,
-        reference_image: str | None = None,
-        reference_label: str | None = None,
-        num_images: int | None = None,
-        postprocessing: Callable | None = None,
-        num_overlays: int = 8,
-        settings: dict[str, Any] | None = None,
-        slice_axis: int = -1,
-        reference_slice: int | None = None,
-        window: tuple[float, float] | None = None,
-        max_size: int = 1024,
-        resume: bool = True,
-        fail_on_errors: bool = True,
-        adapted_model: str | None = None,
-    ):
-        self.inferer = inferer
-        self.output_dir = output_dir
-        self.dataset_dir = dataset_dir
-        self.reference_image, self.reference_label = reference_image, reference_label
-        self.num_images = num_images
-        self.postprocessing = postprocessing
-        self.num_overlays = num_overlays
-        self.settings = settings or {}
-        self.slice_axis, self.reference_slice = slice_axis, reference_slice
-        self.window = tuple(window) if window is not None else None
-        self.max_size, self.resume, self.fail_on_errors = max_size, resume, fail_on_errors
-        self.adapted_model = adapted_model
-
-    def run(self) -> dict[str, Any]:
-        start = time.time()
-        os.makedirs(self.output_dir, exist_ok=True)
-        dataset_dir = self.dataset_dir
-        if not dataset_dir:
-            dataset_dir = make_demo_dataset(os.path.join(self.output_dir, "demo_data"))
-            logger.info("no dataset_dir given: running on the synthetic demo in %s", dataset_dir)
-        reference, cases, names = load_datalist(
-            dataset_dir, self.num_images, self.reference_image, self.reference_label
-        )
-        refs, class_values = check_reference(
-            reference, sorted(names) or None, self.slice_axis, self.reference_slice, self.window
-        )
-        class_names = [names.get(v, f"class_{v}") for v in class_values]
-        resuming = self._prepare_resume(reference, cases)
-
-        errors: list[dict[str, str]] = []
-        targets: list[Target] = []
-        images: dict[str, np.ndarray] = {}
-        for case in self._bar(cases, "reading"):
-            volume, problem = read_target(case.image_path, self.slice_axis)
-            if problem:
-                logger.warning("skipping %s: %s", case.image_path, problem)
-                errors.append({"id": case.id, "image": case.image_path, "error": problem})
+    def _read(self, done: bool = False) -> tuple[list[Target], list[dict[str, str]]]:
+        targets, errors = [], []
+        for i in range(len(self.dataset)):
+            target = self.dataset[i]
+            if target.error:
+                logger.warning("skipping %s: %s", target.case.image_path, target.error)
+                errors.append({"id": target.case.id, "image": target.case.image_path, "error": target.error})
                 continue
-            case.meta = volume.meta
-            target = Target(case, volume, volume.slices.shape[:3])
-            target.dicom_order = dicom_order(case.image_path, volume) if volume.kind == "dicom" else None
-            target.done = resuming and all(os.path.exists(p) for p in self._outputs(target))
-            slices = scale_intensity(volume.slices, self.window)
-            volume.slices = np.empty((len(slices), 0, 0), np.float32)
-            for z, img in enumerate(slices):
-                key = case.id if len(slices) == 1 else f"{case.id}#{z}"
-                constant = float(img.max()) == float(img.min())  # e.g. padding slices of a volume: left empty
-                target.keys.append(None if constant else key)
-                if not constant:
-                    images[key] = shrink(img, self.max_size)
+            target.done = done and all(os.path.exists(p) for p in output_paths(self.output_dir, target))
             targets.append(target)
         if not targets:
-            raise RuntimeError(f"no readable target image in {dataset_dir} ({len(errors)} failed)")
-        if any(t.done for t in targets):
-            logger.info("resuming: %d of %d targets already finished", sum(t.done for t in targets), len(targets))
+            raise RuntimeError(f"no readable target image ({len(errors)} failed)")
+        return targets, errors
 
-        slices = self._segment(refs, class_values, targets, images)
-        if self.adapted_model and len(refs) == 1:  # adapt once, infer many: bundle/adapted.py
-            ref = refs[0]
-            image, label = shrink(ref.image, self.max_size), shrink(ref.label, self.max_size, nearest=True)
-            save_adapted(self.adapted_model, self.inferer, image, label, class_values, class_names, self.settings)
-        elif self.adapted_model:
-            logger.warning("no adapted model saved: this run used %d reference slices (one is supported)", len(refs))
-        summary = self._finish(targets, slices, images, class_values, class_names, errors, reference, start)
+    def _apply(
+        self,
+        model: OneShotModel,
+        store: EmbeddingStore,
+        targets: list[Target],
+        errors: list[dict],
+        start: float,
+        **extra,
+    ) -> dict[str, Any]:
+        seconds = self.evaluator.evaluate(model, store, targets, errors)
+        state = self.evaluator.state
+        total = time.time() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        if torch.cuda.is_available():
+            peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+        rows = getattr(state, "rows", [])
+        summary = {
+            **summarize(rows, model.class_names),
+            "num_images": len(targets),
+            "num_scored": len(rows),
+            "num_failed": len(errors),
+            "output_dir": os.path.abspath(self.output_dir),
+            "seconds_total": round(total, 2),
+            "seconds_per_image": round(total / max(len(targets), 1), 3),
+            "peak_memory_mb": round(peak, 1),
+            "seconds_by_stage": {**store.clock.seconds, "prompting_and_sam_decoding_s": round(seconds, 2)},
+            "not_found": getattr(state, "not_found", []),
+            "strategy_decisions": model.decisions(),
+            **extra,
+        }
+        write_json(os.path.join(self.output_dir, "summary.json"), summary)
+        _print(summary)
         if errors and self.fail_on_errors:
             raise SystemExit(
                 f"{len(errors)} of {len(errors) + len(targets)} targets failed: see {self.output_dir}/errors.csv"
             )
         return summary
 
-    def _bar(self, items, desc: str):
-        return tqdm(items, desc=desc, leave=False, disable=not getattr(self.inferer, "progress", False))
 
-    # resuming ------------------------------------------------------------------------------------------------------
-    def _fingerprint(self, reference: Case, cases: list[Case]) -> str:
-        def stat(path: str | None) -> list:
-            if not path or not os.path.exists(path):
-                return [path]
-            st = os.stat(path)
-            return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+class OneShotSegmentation(_Run):
+    """Segments every target of a dataset from its one labelled reference and writes the results.
 
-        job = {
-            "settings": self.settings,
-            "reference": stat(reference.image_path) + stat(reference.label_path),
-            "targets": [[c.id, *stat(c.image_path)] for c in cases],
-            "io": [self.slice_axis, self.reference_slice, self.window, self.max_size],
-        }
-        return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    Args:
+        dataset: the cohort (``CohortDataset``, its transform the ``PrepareTarget`` input pipeline).
+        source: the prompt source to fit (e.g. ``FusedSource``).
+        store: the run's embedding store (SAM backend, matching features).
+        evaluator: applies the fitted model to every target and writes the outputs.
+        output_dir: where predictions, tables, summary, overlays and checkpoints go.
+        reference_slice: the slice of a labelled reference volume to use (default: per class, its largest).
+        resume: reuse the checkpoints and finished predictions of an earlier run of the same job in ``output_dir``.
+        trainer: the warping trainer whose round checkpoints make a killed run resumable (None: none).
+        adapted_model: where to save the fitted model for ``configs/infer.yaml`` (None: not saved).
+        overwrite_model: allow replacing an adapted model outside ``output_dir`` that another job wrote.
+        job: the parsed config (``bundle.job.parsed_config``): with the inputs, what identifies this job.
+        fail_on_errors: exit with status 1 (after writing everything) when any target failed.
+        progress: progress bars.
+    """
 
-    def _prepare_resume(self, reference: Case, cases: list[Case]) -> bool:
+    def __init__(
+        self,
+        dataset: CohortDataset,
+        source: Source,
+        store: EmbeddingStore,
+        evaluator: OneShotEvaluator,
+        output_dir: str,
+        reference_slice: int | None = None,
+        resume: bool = True,
+        trainer: WarpTrainer | None = None,
+        adapted_model: str | None = None,
+        overwrite_model: bool = False,
+        job: dict[str, Any] | None = None,
+        fail_on_errors: bool = True,
+        progress: bool = False,
+    ):
+        self.dataset, self.source, self.store, self.evaluator = dataset, source, store, evaluator
+        self.output_dir, self.reference_slice, self.resume, self.trainer = output_dir, reference_slice, resume, trainer
+        self.adapted_model, self.overwrite_model, self.job = adapted_model, overwrite_model, job
+        self.fail_on_errors, self.progress = fail_on_errors, progress
+
+    def run(self) -> dict[str, Any]:
+        start = time.time()
+        os.makedirs(self.output_dir, exist_ok=True)
+        reference, names = self.dataset.load()
+        prepare = self.dataset.prepare
+        slices, class_values = check_reference(
+            reference, sorted(names) or None, prepare.slice_axis, self.reference_slice, prepare.window
+        )
+        class_names = [names.get(v, f"class_{v}") for v in class_values]
+        logger.info(
+            "reference %s (label %s); results go to %s", reference.image_path, reference.label_path, self.output_dir
+        )
+        job = fingerprint(self.job, reference, self.dataset.data)
+        self._check_model_path(job)
+        targets, errors = self._read(done=self._prepare_resume(job))
+        if any(t.done for t in targets):
+            logger.info("resuming: %d of %d targets already finished", sum(t.done for t in targets), len(targets))
+        references = [
+            (
+                Reference(
+                    shrink(s.image, prepare.max_size),
+                    shrink(s.label, prepare.max_size, nearest=True),
+                    len(s.classes),
+                    "" if len(slices) == 1 else f"_slice{s.slice_index}",
+                ),
+                s.classes,
+            )
+            for s in slices
+        ]
+        cohort = Cohort([(k, t.images[k]) for t in targets for k in t.keys if k is not None], self.store, self.progress)
+        preparation = {"window": prepare.window and list(prepare.window), "max_size": prepare.max_size}
+        model = OneShotModel.fit(self.source, references, cohort, class_values, class_names, preparation)
+        if self.adapted_model:
+            model.save(self.adapted_model, job=job)
+            logger.info("adapted model saved to %s (configs/infer.yaml --model_path)", self.adapted_model)
+        reference_files = {"image": reference.image_path, "label": reference.label_path}
+        return self._apply(
+            model, self.store, targets, errors, start, reference=reference_files, source=self.source.kind
+        )
+
+    def _check_model_path(self, job: str) -> None:
+        """Refuse, before any work, to replace an adapted model outside ``output_dir`` that another job wrote."""
+        path = self.adapted_model
+        if not path or not os.path.isfile(path) or self.overwrite_model:
+            return
+        if os.path.abspath(path).startswith(os.path.abspath(self.output_dir) + os.sep):
+            return  # part of this output directory, which follows its own job
+        try:
+            same = load_model_file(path).get("job") == job
+        except ValueError:
+            same = False
+        if not same:
+            raise FileExistsError(
+                f"{path} holds an adapted model of another job; set overwrite_model true to replace it, or choose "
+                "another adapted_model path"
+            )
+
+    def _prepare_resume(self, job: str) -> bool:
         """True when ``output_dir`` holds an unfinished or finished run of this very job; else start afresh there."""
         path = os.path.join(self.output_dir, "run_state.json")
-        fingerprint = self._fingerprint(reference, cases)
         same = False
         if self.resume and os.path.exists(path):
+            import json
+
             with open(path) as f:
-                same = json.load(f).get("fingerprint") == fingerprint
-        trainer = getattr(self.inferer, "trainer", None)
+                same = json.load(f).get("fingerprint") == job
         if not same:
             if os.path.exists(path):
                 logger.info("%s holds a different job (settings or inputs changed): starting afresh", self.output_dir)
-            if trainer is not None:
-                trainer.clear_checkpoints()
-            write_json(path, {"fingerprint": fingerprint})
-        if trainer is not None:
-            trainer.resumable = same
+            if self.trainer is not None:
+                self.trainer.clear_checkpoints()
+            write_json(path, {"fingerprint": job})
+        if self.trainer is not None:
+            self.trainer.resumable = same
         return same
 
-    def _outputs(self, target: Target) -> list[str]:
-        pred_dir = os.path.join(self.output_dir, "predictions")
-        paths = [os.path.join(pred_dir, output_name(target.case))]
-        if target.dicom_order is not None:
-            paths.append(os.path.join(pred_dir, f"{target.case.id}_seg.dcm"))
-        return paths
 
-    # segmentation --------------------------------------------------------------------------------------------------
-    def _segment(
-        self, refs: list[Reference], class_values: list[int], targets: list[Target], images: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Label map (class indices, processing size) per slice key, every reference group merged by SAM logit."""
-        items = [(k, images[k]) for t in targets for k in t.keys if k is not None]
-        skip = {k for t in targets if t.done for k in t.keys if k is not None}
-        best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        decisions, self.not_found = {}, []
-        for ref in refs:
-            if len(refs) > 1:
-                logger.info(
-                    "reference slice %d for classes %s", ref.slice_index, [class_values[c] for c in ref.classes]
-                )
-            predictions = self.inferer(
-                shrink(ref.image, self.max_size),
-                shrink(ref.label, self.max_size, nearest=True),
-                len(ref.classes),
-                items,
-                skip=skip,
-                tag="" if len(refs) == 1 else f"_slice{ref.slice_index}",
-            )
-            for name, d in getattr(self.inferer, "decisions", {}).items():
-                decisions[f"class_{class_values[ref.classes[int(name.split('_')[-1]) - 1]]}"] = d
-            cls = torch.tensor([c + 1 for c in ref.classes])
-            for (key, _), pred in zip(items, predictions):
-                if pred is None:
-                    continue
-                missing = [class_values[ref.classes[c]] for c in np.flatnonzero(~pred.found.numpy())]
-                if missing:
-                    self.not_found.append({"id": key, "classes": missing})
-                score, idx = pred.logits.max(0)
-                label = torch.where(score > 0, cls[idx], 0)
-                if key in best:  # several reference groups: each pixel keeps the class with the highest logit
-                    prev_score, prev = best[key]
-                    take = score > prev_score
-                    label, score = torch.where(take, label, prev), torch.maximum(score, prev_score)
-                best[key] = (score, label)
-        self.decisions = decisions
-        return {k: v[1].numpy().astype(np.int64) for k, v in best.items()}
+class AdaptedSegmentation(_Run):
+    """Segments new images with a saved model (``configs/infer.yaml``): no reference files, no retraining.
 
-    def _finish(self, targets, slices, images, class_values, class_names, errors, reference, start) -> dict[str, Any]:
-        values = np.array([0, *class_values], dtype=np.int64)
-        rows, pictures = [], []
-        for k, t in enumerate(self._bar(targets, "writing")):
-            paths = self._outputs(t)
-            vol = t.volume
-            if t.done:
-                label = to_class_index(read_label_volume(paths[0], vol), class_values)
-            else:
-                label = np.zeros(t.shape, np.int64)
-                for z, key in enumerate(t.keys):
-                    if key is None:
-                        continue
-                    lab = slices[key]
-                    if self.postprocessing is not None:
-                        lab = np.asarray(self.postprocessing(torch.from_numpy(lab)[None]))[0].astype(np.int64)
-                    label[z] = lab if lab.shape == label.shape[1:] else resize_label(lab, label.shape[1:])
-                save_prediction(values[label], paths[0], vol)
-                if t.dicom_order is not None:
-                    sources = read_dicom_datasets(t.case.image_path)[:: t.dicom_order]
-                    write_dicom_seg(values[label], sources, dict(zip(class_values, class_names)), paths[1])
-            truth = None
-            if t.case.label_path and os.path.exists(t.case.label_path):
-                try:
-                    truth = to_class_index(read_label_volume(t.case.label_path, vol), class_values)
-                except Exception as e:  # noqa: BLE001
-                    logger.warning("label of %s unreadable, not scored: %s", t.case.id, e)
-            if truth is not None and truth.shape == label.shape:
-                rows.append({"id": t.case.id, **class_scores(label, truth, len(class_values))})
-            if k < self.num_overlays:
-                z = int(np.argmax((label > 0).reshape(len(label), -1).sum(1)))
-                image = images[t.keys[z]] if t.keys[z] else np.zeros_like(shrink(label[z], self.max_size, True))
-                lab = shrink(label[z], self.max_size, nearest=True)
-                tru = None if truth is None or truth.shape != label.shape else shrink(truth[z], self.max_size, True)
-                title = t.case.id if len(label) == 1 else f"{t.case.id} slice {z}"
-                pic = overlay(image, lab, tru, title=title)
-                save_overlay(os.path.join(self.output_dir, "overlays", f"{t.case.id}.png"), pic)
-                pictures.append(pic)
-        if pictures:
-            save_overlay(os.path.join(self.output_dir, "overlays", "montage.png"), montage(pictures))
-        seconds = time.time() - start
-        extra = {"not_found": self.not_found, "strategy_decisions": dict(self.decisions)}
-        summary = self._write(rows, errors, class_names, len(targets), seconds, reference, extra)
-        self._print(summary)
-        return summary
+    Args:
+        dataset: the images (``ImageDataset``).
+        model_path: the file a cohort run saved.
+        store: embedding store with the SAM backend (and matching features) the cohort run used.
+        evaluator: applies the model and writes the outputs.
+        output_dir: where ``predictions/``, tables and ``summary.json`` go.
+        device: where the fitted networks run.
+        fail_on_errors: exit with status 1 (after writing everything) when any image failed.
+    """
 
-    def _write(self, rows, errors, class_names, num_images, seconds, reference, extra) -> dict[str, Any]:
-        write_tables(self.output_dir, rows, errors, class_names)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        if torch.cuda.is_available():
-            peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
-        summary = {
-            **summarize(rows, class_names),
-            "num_images": num_images,
-            "num_scored": len(rows),
-            "num_failed": len(errors),
-            "reference": {"image": reference.image_path, "label": reference.label_path},
-            "seconds_total": round(seconds, 2),
-            "seconds_per_image": round(seconds / max(num_images, 1), 3),
-            "peak_memory_mb": round(peak, 1),
-            "seconds_by_stage": dict(getattr(self.inferer, "timings", {})),
-            **extra,
-            "settings": self.settings,
-        }
-        write_json(os.path.join(self.output_dir, "summary.json"), summary)
-        return summary
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        model_path: str,
+        store: EmbeddingStore,
+        evaluator: OneShotEvaluator,
+        output_dir: str,
+        device: str | torch.device = "cpu",
+        fail_on_errors: bool = False,
+    ):
+        self.dataset, self.model_path, self.store, self.evaluator = dataset, model_path, store, evaluator
+        self.output_dir, self.device, self.fail_on_errors = output_dir, device, fail_on_errors
 
-    @staticmethod
-    def _print(summary: dict[str, Any]) -> None:
-        lines = [f"one-shot segmentation of {summary['num_images']} images ({summary['num_failed']} failed)"]
-        for name, dice in summary["per_class"].items():
-            lines.append(f"  {name:<20s} Dice {dice:6.2f}  IoU {summary['per_class_iou'][name]:6.2f}")
-        if summary["num_scored"]:
-            lines.append(f"  {'mean':<20s} Dice {summary['dice_mean']:6.2f}  IoU {summary['iou_mean']:6.2f}")
-        lines.append(
-            f"  {summary['seconds_total']:.1f} s in all, {summary['seconds_per_image']:.2f} s per image, "
-            f"peak memory {summary['peak_memory_mb']:.0f} MB"
-        )
-        print("\n".join(lines), flush=True)
+    def run(self) -> dict[str, Any]:
+        start = time.time()
+        os.makedirs(self.output_dir, exist_ok=True)
+        model = OneShotModel.load(self.model_path, self.store, self.device)
+        self.dataset.load()
+        targets, errors = self._read()
+        return self._apply(model, self.store, targets, errors, start, model=os.path.abspath(self.model_path))
+
+
+def _print(summary: dict[str, Any]) -> None:
+    lines = [f"one-shot segmentation of {summary['num_images']} images ({summary['num_failed']} failed)"]
+    for name, dice in summary["per_class"].items():
+        lines.append(f"  {name:<20s} Dice {dice:6.2f}  IoU {summary['per_class_iou'][name]:6.2f}")
+    if summary["num_scored"]:
+        lines.append(f"  {'mean':<20s} Dice {summary['dice_mean']:6.2f}  IoU {summary['iou_mean']:6.2f}")
+    lines.append(
+        f"  {summary['seconds_total']:.1f} s in all, {summary['seconds_per_image']:.2f} s per image, "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB"
+    )
+    lines.append(f"  results in {summary['output_dir']}")
+    print("\n".join(lines), flush=True)

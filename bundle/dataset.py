@@ -1,0 +1,159 @@
+"""The images a run segments, as MONAI datasets whose transform (``PrepareTarget``) is the deterministic input
+pipeline: read, check, cut into slices, intensity scaling, processing size."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from monai.data import Dataset
+from monai.transforms import Transform
+
+from bundle.demo import make_demo_dataset
+from bundle.dicom import read_dicom_series
+from bundle.io import Case, Volume, case_id, load_datalist, read_target
+from bundle.transforms import scale_intensity, shrink
+
+__all__ = ["CohortDataset", "ImageDataset", "PrepareTarget", "Target", "dicom_order"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """One input, read and prepared: ``images`` holds its (H, W[, 3]) slices at the processing size by key; ``keys``
+    names each slice of the input (None: a constant slice, left empty). ``error`` says why it cannot be segmented."""
+
+    case: Case
+    volume: Volume | None = None  # geometry only: the full-resolution pixels are dropped once the slices are made
+    shape: tuple[int, int, int] = (0, 0, 0)  # (Z, H, W) of the input
+    keys: list[str | None] = field(default_factory=list)
+    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    dicom_order: int | None = None  # set for DICOM input whose files line up with the slices: a SEG is written
+    error: str | None = None
+    done: bool = False  # its outputs are on disk from an earlier run of the same job
+
+
+def dicom_order(path: str, volume: Volume) -> int | None:
+    """How the DICOM files behind ``volume`` line up with its slices: 1 (as read by ``read_dicom_datasets``), -1
+    (reversed), or None when they cannot be matched (no DICOM SEG is written then)."""
+    try:
+        _, pixels = read_dicom_series(path)
+    except ValueError as e:
+        logger.warning("no DICOM SEG for %s (NIfTI only): %s", path, e)
+        return None
+    raw = volume.slices
+    scale = max(float(raw.max() - raw.min()), 1e-6)
+    for step in (1, -1):
+        # decoders of compressed files may differ by a grey level or two: compare within 1 % of the range
+        if pixels.shape == raw.shape and float(np.abs(pixels[::step] - raw).mean()) < 0.01 * scale:
+            return step
+    logger.warning("no DICOM SEG for %s (NIfTI only): its slices do not match the files' pixel data", path)
+    return None
+
+
+class PrepareTarget(Transform):
+    """``Case`` -> ``Target``: read, check, cut 3D inputs into slices along ``slice_axis``, scale intensities
+    (``window`` or percentiles, per volume), shrink slices longer than ``max_size``.
+
+    Args:
+        slice_axis: spatial axis of the MONAI array (0 x, 1 y, 2 z) 3D inputs are cut along.
+        window: CT-style (level, width); None: percentile clipping for images not already 8-bit.
+        max_size: slices with a longer side are processed at this size.
+    """
+
+    def __init__(self, slice_axis: int = -1, window: Sequence[float] | None = None, max_size: int = 1024):
+        self.slice_axis, self.max_size = slice_axis, int(max_size)
+        self.window = tuple(window) if window is not None else None
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """One raw (H, W[, 3]) image prepared as the slices of a target are."""
+        return shrink(scale_intensity(image, self.window), self.max_size)
+
+    def __call__(self, case: Case) -> Target:
+        volume, problem = read_target(case.image_path, self.slice_axis)
+        if problem:
+            return Target(case, error=problem)
+        case.meta = volume.meta
+        target = Target(case, volume, volume.slices.shape[:3])
+        target.dicom_order = dicom_order(case.image_path, volume) if volume.kind == "dicom" else None
+        slices = scale_intensity(volume.slices, self.window)
+        volume.slices = np.empty((len(slices), 0, 0), np.float32)
+        for z, img in enumerate(slices):
+            key = case.id if len(slices) == 1 else f"{case.id}#{z}"
+            constant = float(img.max()) == float(img.min())  # e.g. padding slices of a volume: left empty
+            target.keys.append(None if constant else key)
+            if not constant:
+                target.images[key] = shrink(img, self.max_size)
+        return target
+
+
+class CohortDataset(Dataset):
+    """The targets of a decathlon ``dataset.json`` (every case but the reference), prepared by ``transform``.
+
+    ``load`` reads the datalist (the synthetic demo's when ``dataset_dir`` is None) and returns the reference case
+    and the class names.
+
+    Args:
+        dataset_dir: folder with ``dataset.json``; None: the embedded synthetic demo, written to ``demo_dir``.
+        num_images: at most this many targets (0: all).
+        reference_image / reference_label: explicit reference (default: first labelled case by image name).
+        transform: ``PrepareTarget``.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | None,
+        num_images: int = 0,
+        reference_image: str | None = None,
+        reference_label: str | None = None,
+        transform: PrepareTarget | None = None,
+        demo_dir: str = "demo_data",
+    ):
+        self.prepare = transform or PrepareTarget()
+        super().__init__(data=[], transform=self.prepare)
+        self.dataset_dir, self.num_images, self.demo_dir = dataset_dir, num_images, demo_dir
+        self.reference_image, self.reference_label = reference_image, reference_label
+
+    def load(self) -> tuple[Case, dict[int, str]]:
+        """Read the datalist: fills the dataset with the target cases; returns the reference case and class names."""
+        if not self.dataset_dir:
+            self.dataset_dir = make_demo_dataset(self.demo_dir)
+            logger.info("no dataset_dir given: running on the synthetic demo in %s", self.dataset_dir)
+        reference, self.data, names = load_datalist(
+            self.dataset_dir, self.num_images, self.reference_image, self.reference_label
+        )
+        return reference, names
+
+
+class ImageDataset(Dataset):
+    """Images to segment with a fitted model: one path or a list, or every image of a ``dataset.json`` (sorted by
+    name; ``first_image`` / ``num_images`` pick a slice), prepared by ``transform``; labelled ones are scored."""
+
+    def __init__(
+        self,
+        image: str | Sequence[str] | None = None,
+        dataset_dir: str | None = None,
+        first_image: int = 0,
+        num_images: int = 0,
+        transform: PrepareTarget | None = None,
+    ):
+        self.prepare = transform or PrepareTarget()
+        super().__init__(data=[], transform=self.prepare)
+        self.image, self.dataset_dir = image, dataset_dir
+        self.first_image, self.num_images = int(first_image or 0), int(num_images or 0)
+
+    def load(self) -> list[Case]:
+        if self.image:
+            paths = [self.image] if isinstance(self.image, str) else list(self.image)
+            self.data = [Case(case_id(p), p) for p in paths]
+        elif self.dataset_dir:
+            reference, targets, _ = load_datalist(self.dataset_dir)
+            cases = sorted([reference, *targets], key=lambda c: os.path.basename(c.image_path))[self.first_image :]
+            self.data = cases[: self.num_images] if self.num_images > 0 else cases
+        else:
+            raise ValueError("nothing to segment: give image (a path or a list) or dataset_dir (with dataset.json)")
+        return self.data

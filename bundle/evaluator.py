@@ -1,0 +1,92 @@
+"""The apply loop as an ignite engine: one iteration per target (segment with the fitted model, or read back what an
+earlier run of the same job wrote), then write its outputs. Metrics, overlays and tables are handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from ignite.engine import Engine
+
+from bundle.dataset import Target
+from bundle.dicom import read_dicom_datasets, write_dicom_seg
+from bundle.inferer import OneShotInferer
+from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
+from bundle.model import OneShotModel
+from bundle.store import EmbeddingStore
+
+__all__ = ["OneShotEvaluator", "output_paths"]
+
+logger = logging.getLogger(__name__)
+
+
+def output_paths(output_dir: str, target: Target) -> list[str]:
+    """Where a target's outputs go: its label map, and a DICOM SEG for DICOM input that lines up with its files."""
+    pred_dir = os.path.join(output_dir, "predictions")
+    paths = [os.path.join(pred_dir, output_name(target.case))]
+    if target.dicom_order is not None:
+        paths.append(os.path.join(pred_dir, f"{target.case.id}_seg.dcm"))
+    return paths
+
+
+class OneShotEvaluator(Engine):
+    """Segments prepared targets with a fitted model and writes each one's outputs.
+
+    ``engine.state.output`` after each iteration: ``target``, ``label`` (Z, H, W) class indices and ``missing``
+    (class indices no prompt was found for, per slice key). Handlers (``val_handlers``) attach to it.
+
+    Args:
+        inferer: applies the model to a target.
+        output_dir: ``predictions/`` go here.
+        val_handlers: objects with ``attach(engine)`` (``bundle.handlers``).
+        postprocessing: the inferer's post-processing (kept here for bundle tools that look it up).
+        progress: progress bar.
+    """
+
+    def __init__(
+        self,
+        inferer: OneShotInferer,
+        output_dir: str,
+        val_handlers: Sequence[Any] = (),
+        postprocessing: Any | None = None,
+        progress: bool = False,
+    ):
+        super().__init__(self._step)
+        self.inferer, self.output_dir, self.postprocessing = inferer, output_dir, postprocessing
+        self.model: OneShotModel | None = None
+        self.store: EmbeddingStore | None = None
+        self.errors: list[dict] = []
+        for handler in val_handlers or ():
+            handler.attach(self)
+        if progress:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False, desc="segmenting").attach(self)
+        self.seconds = 0.0
+
+    def _step(self, engine: Engine, target: Target) -> dict[str, Any]:
+        model, values = self.model, np.array([0, *self.model.class_values], dtype=np.int64)
+        paths = output_paths(self.output_dir, target)
+        if target.done:
+            label = to_class_index(read_label_volume(paths[0], target.volume), model.class_values)
+            return {"target": target, "label": label, "missing": {}}
+        start = time.time()
+        label, missing = self.inferer(target, model, self.store)
+        self.seconds += time.time() - start
+        save_prediction(values[label], paths[0], target.volume)
+        if target.dicom_order is not None:
+            sources = read_dicom_datasets(target.case.image_path)[:: target.dicom_order]
+            write_dicom_seg(values[label], sources, dict(zip(model.class_values, model.class_names)), paths[1])
+        return {"target": target, "label": label, "missing": missing}
+
+    def evaluate(
+        self, model: OneShotModel, store: EmbeddingStore, targets: list[Target], errors: list[dict] | None = None
+    ) -> float:
+        """Run over ``targets`` (``errors``: inputs that could not be read, for the tables); returns the seconds spent
+        segmenting."""
+        self.model, self.store, self.errors, self.seconds = model, store, list(errors or []), 0.0
+        self.run(targets, max_epochs=1)
+        return self.seconds

@@ -1,0 +1,176 @@
+"""The fitted one-shot model: what a cohort run learned, applied the same way to every image, saved as one file.
+
+A run has one or more reference groups (a labelled volume whose classes are largest on different slices gives one
+reference slice per group). Each group's source is fitted on its reference and the cohort; predicting an image
+applies every group and gives each pixel the class with the highest logit. The cohort run, the adapted model
+(``configs/infer.yaml``) and the MONAI Label app all segment through ``OneShotModel.predict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from bundle.prediction import Prediction
+from bundle.sources.base import Cohort, Source, load_source, save_source
+from bundle.store import EmbeddingStore, Reference
+
+__all__ = ["FORMAT_VERSION", "Group", "OneShotModel", "load_model_file"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 4  # 4: one fitted source tree per reference group (the source redesign)
+
+
+@dataclass
+class Group:
+    """One reference and the classes (0-based indices into the model's classes) it is the reference for."""
+
+    reference: Reference
+    classes: list[int]
+    source: Source
+    state: Any
+
+
+class OneShotModel:
+    """Fitted sources per reference group over ``class_values`` / ``class_names``.
+
+    Args:
+        groups: the fitted groups.
+        class_values / class_names: label value and name of each class, in class-index order.
+        preparation: how images were prepared for the sources (``window``, ``max_size``), applied to new images.
+    """
+
+    def __init__(
+        self,
+        groups: list[Group],
+        class_values: Sequence[int],
+        class_names: Sequence[str],
+        preparation: dict[str, Any] | None = None,
+    ):
+        self.groups = groups
+        self.class_values, self.class_names = [int(v) for v in class_values], [str(n) for n in class_names]
+        self.preparation = dict(preparation or {})
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_values)
+
+    @classmethod
+    def fit(
+        cls,
+        source: Source,
+        references: list[tuple[Reference, list[int]]],
+        cohort: Cohort,
+        class_values: Sequence[int],
+        class_names: Sequence[str],
+        preparation: dict[str, Any] | None = None,
+    ) -> "OneShotModel":
+        """Fit ``source`` once per (reference, its classes) group on the cohort."""
+        groups = []
+        for reference, classes in references:
+            if len(references) > 1:
+                logger.info("fitting on reference %s for classes %s", reference.tag, [class_names[c] for c in classes])
+            groups.append(Group(reference, classes, source, source.fit(reference, cohort)))
+        return cls(groups, class_values, class_names, preparation)
+
+    def predict(self, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        """All classes' logits (C, H, W) for one prepared (H, W[, 3]) image; ``key`` names it in ``store``."""
+        if len(self.groups) == 1 and self.groups[0].classes == list(range(self.num_classes)):
+            group = self.groups[0]
+            return group.source.predict(group.state, key, image, store)
+        out = Prediction.empty(self.num_classes, tuple(image.shape[:2]))
+        for group in self.groups:
+            pred = group.source.predict(group.state, key, image, store)
+            out.logits[group.classes], out.iou[group.classes], out.found[group.classes] = (
+                pred.logits,
+                pred.iou,
+                pred.found,
+            )
+        return out
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """Per class name, the fused source's choice and measurements (empty for other sources)."""
+        out = {}
+        for group in self.groups:
+            for c, decision in zip(group.classes, getattr(group.state, "decisions", [])):
+                out[self.class_names[c]] = vars(decision)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        groups = [
+            {
+                "classes": g.classes,
+                "tag": g.reference.tag,
+                "reference_image": torch.from_numpy(np.ascontiguousarray(g.reference.image, dtype=np.float32)),
+                "reference_label": torch.from_numpy(np.ascontiguousarray(g.reference.label, dtype=np.uint8)),
+                "source": save_source(g.source, g.state),
+            }
+            for g in self.groups
+        ]
+        network = _first(groups[0]["source"], "network")
+        return {
+            "version": FORMAT_VERSION,
+            "network": network,  # the first warping network, for Model Zoo tools (--key_in_ckpt network)
+            "class_values": self.class_values,
+            "class_names": self.class_names,
+            "preparation": self.preparation,
+            "groups": groups,
+        }
+
+    def save(self, path: str, job: str | None = None) -> str:
+        """Write the model to ``path`` atomically (a temporary file, then a rename); ``job`` names the run's job."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({**self.state_dict(), "job": job}, path + ".part")
+        os.replace(path + ".part", path)
+        return path
+
+    @classmethod
+    def load(cls, path: str, store: EmbeddingStore, device: torch.device | str = "cpu") -> "OneShotModel":
+        """A model saved by ``save``, its sources decoding with the SAM backend of ``store``."""
+        state = load_model_file(path)
+        groups = []
+        for g in state["groups"]:
+            num_classes = len(g["classes"])
+            reference = Reference(
+                g["reference_image"].numpy(), g["reference_label"].long().numpy(), num_classes, g["tag"]
+            )
+            source, fitted = load_source(g["source"], reference, store, device)
+            groups.append(Group(reference, list(g["classes"]), source, fitted))
+        return cls(groups, state["class_values"], state["class_names"], state.get("preparation"))
+
+
+def _first(tree: Any, key: str) -> Any:
+    """The first value stored under ``key`` in nested dicts (depth first), or None."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _first(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def load_model_file(path: str) -> dict[str, Any]:
+    """Read a saved model; a clear error when it is missing, of another kind or of another format version."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"adapted model not found: {path}. Run configs/inference.yaml on a cohort first: it saves what it "
+            "learned there (config id adapted_model)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "class_values" not in state:
+        raise ValueError(f"{path} is not an adapted model written by configs/inference.yaml (bundle.model)")
+    version = int(state.get("version", 0))
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {version}; this bundle reads version {FORMAT_VERSION}: adapt again with "
+            "configs/inference.yaml"
+        )
+    return state

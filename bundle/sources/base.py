@@ -1,0 +1,90 @@
+"""The source interface: fit on the reference and the cohort, predict one image, save and load the fitted state.
+
+A source is a recipe (its settings and the shared SAM decoder); what it learns on a cohort is the *state* that
+``fit`` returns, which ``predict`` takes back. Nothing learned is kept on the source itself, so one source can be
+fitted on several references of a run and each fitted state applied independently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bundle.prediction import Prediction
+from bundle.store import EmbeddingStore, Reference
+
+__all__ = ["Cohort", "Source", "register", "save_source", "load_source"]
+
+
+@dataclass
+class Cohort:
+    """The images a source is fitted on: (key, (H, W[, 3]) image) pairs and the run's embedding store."""
+
+    items: list[tuple[str, np.ndarray]]
+    store: EmbeddingStore
+    progress: bool = False
+
+    def bar(self, items: Iterable, desc: str) -> Iterable:
+        return tqdm(items, desc=desc, leave=False, disable=not self.progress)
+
+
+class Source(ABC):
+    """Per-class SAM logits for any image of a cohort, from one labelled reference."""
+
+    kind: str = ""
+
+    @abstractmethod
+    def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> Any:
+        """Learn what predicting needs from ``reference`` and the ``cohort``; returns the fitted state.
+
+        ``classes`` (C,) bool, where given, are the classes the state will be asked for (the others may be left
+        unfitted).
+        """
+
+    @abstractmethod
+    def predict(self, state: Any, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        """Prediction for one (H, W[, 3]) image (``key`` names its embedding in ``store``) with a fitted state."""
+
+    @abstractmethod
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        """The fitted state and the settings ``predict`` uses, as tensors and plain values."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(
+        cls, state: dict[str, Any], reference: Reference, store: EmbeddingStore, device: torch.device
+    ) -> tuple["Source", Any]:
+        """A source and its fitted state rebuilt from ``state_dict`` (a predicting source: it cannot fit)."""
+
+
+_KINDS: dict[str, type[Source]] = {}
+
+
+def register(*kinds: str):
+    """Class decorator: ``load_source`` rebuilds states saved with these kinds through this class."""
+
+    def wrap(cls: type[Source]) -> type[Source]:
+        for kind in kinds:
+            _KINDS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def save_source(source: Source, state: Any) -> dict[str, Any]:
+    """``state_dict`` tagged with the source's kind."""
+    return {"kind": source.kind, **source.state_dict(state)}
+
+
+def load_source(
+    state: dict[str, Any], reference: Reference, store: EmbeddingStore, device: torch.device | str = "cpu"
+) -> tuple[Source, Any]:
+    """The source and fitted state a ``save_source`` dict describes."""
+    if state.get("kind") not in _KINDS:
+        raise ValueError(f"unknown source kind {state.get('kind')!r}; known: {sorted(_KINDS)}")
+    return _KINDS[state["kind"]].from_state(state, reference, store, torch.device(device))

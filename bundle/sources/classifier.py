@@ -1,0 +1,89 @@
+"""The patch classifier as a source: where each structure is, from frozen features, wherever it sits.
+
+Fitted at test time on the reference and augmented views of it, then self-trained on SAM's answers for the cohort
+(weighted by SAM's confidence). Its prediction is SAM on the box of each class's most probable region; its
+probability maps also tell other sources (``aligned``) where a structure is and how large.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bundle.classifier import PatchClassifier, reference_views
+from bundle.decoder import SamDecoder
+from bundle.prediction import Prediction
+from bundle.sources.base import Cohort, Source, register
+from bundle.store import EmbeddingStore, Reference
+from bundle.transforms import one_hot
+
+__all__ = ["ClassifierSource"]
+
+
+def _soft(label: np.ndarray, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(H, W) class indices -> (C + 1, h, w) area-averaged one-hot on a feature grid."""
+    oh = one_hot(torch.from_numpy(label), num_classes)
+    return F.interpolate(oh[None].float(), size=grid, mode="area")[0]
+
+
+@register("classifier")
+class ClassifierSource(Source):
+    """SAM on the box of the patch classifier's most probable region per class.
+
+    Args:
+        decoder: SAM prompt-to-mask step.
+        classifier: the (unfitted) patch classifier and its training settings.
+        self_training: rounds the classifier is retrained on SAM's answers for the cohort.
+    """
+
+    kind = "classifier"
+
+    def __init__(self, decoder: SamDecoder, classifier: PatchClassifier | None = None, self_training: int = 2):
+        self.decoder, self.classifier, self.self_training = decoder, classifier or PatchClassifier(), int(self_training)
+
+    def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> PatchClassifier:
+        start = time.time()
+        store, C = cohort.store, reference.num_classes
+        base = []
+        for view, (img, lab) in enumerate(
+            [(reference.image, reference.label), *reference_views(reference.image, reference.label)]
+        ):
+            feats = store.reference_features(reference, view, img)
+            base.append((feats, _soft(lab, C, tuple(feats.shape[1:])), 1.0))
+        classifier = copy.deepcopy(self.classifier).fit(base, C)
+        for r in range(self.self_training):
+            pseudo = []
+            for key, img in cohort.bar(cohort.items, f"classifier round {r}"):
+                feats = store.features(key, img)
+                pred = self.predict(classifier, key, img, store)
+                confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
+                pseudo.append((feats, _soft(pred.label(), C, tuple(feats.shape[1:])), confidence))
+            classifier = copy.deepcopy(self.classifier).fit(base + pseudo, C)
+        cohort.store.clock.add("classifier_s", start)
+        return classifier
+
+    @staticmethod
+    def grid(state: PatchClassifier, key: str, image: np.ndarray, store: EmbeddingStore) -> torch.Tensor:
+        """Class probabilities (C + 1, h, w) on the feature grid of one image."""
+        feats = store.features(key, image)
+        return state(feats, tuple(feats.shape[1:]))
+
+    def predict(self, state: PatchClassifier, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        embedding = store.embedding(key, image)
+        probs = PatchClassifier.upsample(self.grid(state, key, image, store), embedding.original_size)
+        return self.decoder.from_regions(embedding, probs)
+
+    def state_dict(self, state: PatchClassifier) -> dict[str, Any]:
+        return {"classifier": state.state_dict(), "decoder": self.decoder.settings()}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], reference: Reference, store: EmbeddingStore, device: torch.device
+    ) -> tuple["ClassifierSource", PatchClassifier]:
+        source = cls(SamDecoder.from_settings(store.sam, state["decoder"]))
+        return source, PatchClassifier().load_state_dict(state["classifier"])

@@ -1,0 +1,129 @@
+"""Embeddings computed once per run: the cohort's, keyed by image, and each reference's in a slot of its own.
+
+A ``Reference`` carries its own slot, so two references (e.g. two slices of a labelled volume) can never share
+an embedding or matching features. Target embeddings live in memory or, with ``directory``, on disk beyond a
+bounded in-memory cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bundle.features import sam_patch_features
+from bundle.sam import Embedding, SamBackend
+from bundle.transforms import one_hot
+
+__all__ = ["Clock", "EmbeddingStore", "Reference"]
+
+
+class Clock:
+    """Seconds spent per stage of a run, added up."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, start: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 2)
+
+
+@dataclass(eq=False)
+class Reference:
+    """One labelled reference image: (H, W[, 3]) image, (H, W) class indices 1..``num_classes``, its own cache.
+
+    ``tag`` names what is fitted on it (checkpoints) when a run has several references.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    num_classes: int
+    tag: str = ""
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def onehot(self) -> torch.Tensor:
+        """(C + 1, H, W) one-hot label, background first."""
+        return one_hot(torch.from_numpy(self.label), self.num_classes)
+
+
+class EmbeddingStore:
+    """SAM embeddings and matching features per image key, each computed once.
+
+    Args:
+        sam: the SAM backend.
+        features: matching features (None: the SAM encoder's; else e.g. ``Dinov2Features``).
+        directory: keep target embeddings on disk here (None: in memory).
+        max_in_memory: with ``directory``, how many embeddings stay in memory too.
+    """
+
+    def __init__(
+        self,
+        sam: SamBackend,
+        features: Callable | None = None,
+        directory: str | None = None,
+        max_in_memory: int = 64,
+    ):
+        self.sam, self.feature_encoder = sam, features
+        self.directory, self.max_in_memory = directory, max_in_memory
+        self.clock = Clock()
+        self._embeddings: OrderedDict[str, Embedding] = OrderedDict()
+        self._features: dict[str, torch.Tensor] = {}
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    def _encode(self, image: np.ndarray) -> Embedding:
+        start = time.time()
+        embedding = self.sam.encode(image)
+        self.clock.add("sam_encoding_s", start)
+        return embedding
+
+    def embedding(self, key: str, image: np.ndarray) -> Embedding:
+        """The SAM embedding of target ``key`` ((H, W[, 3]) ``image``), computed on first use."""
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        if self.directory and os.path.isfile(self._path(key)):
+            e = torch.load(self._path(key), weights_only=True)
+            embedding = Embedding(e["features"].to(self.sam.device), tuple(e["original_size"]), tuple(e["input_size"]))
+        else:
+            embedding = self._encode(image)
+            if self.directory:
+                os.makedirs(self.directory, exist_ok=True)
+                torch.save(vars(embedding), self._path(key) + ".part")
+                os.replace(self._path(key) + ".part", self._path(key))
+        self._embeddings[key] = embedding
+        if self.directory and len(self._embeddings) > self.max_in_memory:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def features(self, key: str, image: np.ndarray) -> torch.Tensor:
+        """(D, h, w) L2-normalised matching features of target ``key``."""
+        if self.feature_encoder is None:
+            return sam_patch_features(self.embedding(key, image), self.sam.img_size)
+        if key not in self._features:
+            self._features[key] = self.feature_encoder(image)
+        return self._features[key]
+
+    def reference_embedding(self, reference: Reference, view: int = 0, image: np.ndarray | None = None) -> Embedding:
+        """The embedding of the reference (``view`` 0) or of one of its augmented views (``image``), in its slot."""
+        key = ("embedding", view)
+        if key not in reference.cache:
+            reference.cache[key] = self._encode(reference.image if image is None else image)
+        return reference.cache[key]
+
+    def reference_features(self, reference: Reference, view: int = 0, image: np.ndarray | None = None) -> torch.Tensor:
+        """(D, h, w) matching features of the reference or of one of its views, in its slot."""
+        if self.feature_encoder is None:
+            return sam_patch_features(self.reference_embedding(reference, view, image), self.sam.img_size)
+        key = ("features", view)
+        if key not in reference.cache:
+            reference.cache[key] = self.feature_encoder(reference.image if image is None else image)
+        return reference.cache[key]
