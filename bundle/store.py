@@ -59,8 +59,9 @@ class EmbeddingStore:
     Args:
         sam: the SAM backend.
         features: matching features (None: the SAM encoder's; else e.g. ``Dinov2Features``).
-        directory: keep target embeddings on disk here (None: in memory).
-        max_in_memory: with ``directory``, how many embeddings stay in memory too.
+        directory: keep target embeddings on disk here too (None: in memory only).
+        max_in_memory: at most this many target embeddings stay in memory (None: all); others are read back from
+            ``directory`` or, without one, encoded again.
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class EmbeddingStore:
         sam: SamBackend,
         features: Callable | None = None,
         directory: str | None = None,
-        max_in_memory: int = 64,
+        max_in_memory: int | None = None,
     ):
         self.sam, self.feature_encoder = sam, features
         self.directory, self.max_in_memory = directory, max_in_memory
@@ -100,7 +101,7 @@ class EmbeddingStore:
                 torch.save(vars(embedding), self._path(key) + ".part")
                 os.replace(self._path(key) + ".part", self._path(key))
         self._embeddings[key] = embedding
-        if self.directory and len(self._embeddings) > self.max_in_memory:
+        if self.max_in_memory is not None and len(self._embeddings) > self.max_in_memory:
             self._embeddings.popitem(last=False)
         return embedding
 

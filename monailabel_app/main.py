@@ -1,10 +1,11 @@
 """MONAI Label app serving the one-shot SAM bundle's adapted model.
 
     monailabel start_server --app monailabel_app --studies /data/images \
-        --conf sam2 false --conf zoo_source local [--conf model_path models/model.pt] [--conf device cpu]
+        --conf sam2 false --conf zoo_source local [--conf model_path eval/model.pt] [--conf device cpu]
 
 One infer task, ``oneshot``: a new image in, its label map out (PNG for raster input, NIfTI otherwise). The model
-is ``models/model.pt`` of this bundle, written by a cohort run of ``configs/inference.yaml``. Nothing is downloaded:
+is the fitted model a cohort run of ``configs/inference.yaml`` saved (its ``adapted_model``: ``eval/model.pt`` with the
+default ``output_dir``). Nothing is downloaded:
 ``sam2`` and ``zoo_source`` are accepted for the usual offline flags and have no task behind them here.
 """
 
@@ -31,16 +32,15 @@ logger = logging.getLogger(__name__)
 
 
 class OneShotSAMApp(MONAILabelApp):
-    """Conf keys: ``model_path`` (default ``<bundle>/models/model.pt``), ``bundle_root``, ``device``,
-    ``refine_iterations``; ``sam2`` and ``zoo_source`` are accepted and unused (no download here)."""
+    """Conf keys: ``model_path`` (default ``<bundle>/eval/model.pt``), ``bundle_root``, ``device``; ``sam2`` and
+    ``zoo_source`` are accepted and unused (no download here)."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = conf or {}
         self.bundle_root = os.path.abspath(conf.get("bundle_root", BUNDLE_ROOT))
-        model_path = conf.get("model_path", os.path.join(self.bundle_root, "models", "model.pt"))
+        model_path = conf.get("model_path", os.path.join(self.bundle_root, "eval", "model.pt"))
         self.model_path = model_path if os.path.isabs(model_path) else os.path.join(self.bundle_root, model_path)
         self.device = conf.get("device", "cpu")
-        self.refine_iterations = int(conf.get("refine_iterations", 0))
         if not os.path.isfile(self.model_path):
             logger.warning("%s not found: run configs/inference.yaml on a cohort first", self.model_path)
         with open(os.path.join(self.bundle_root, "configs", "metadata.json")) as f:
@@ -55,4 +55,4 @@ class OneShotSAMApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {"oneshot": OneShotInferTask(self.bundle_root, self.model_path, self.device, self.refine_iterations)}
+        return {"oneshot": OneShotInferTask(self.bundle_root, self.model_path, self.device)}

@@ -28,11 +28,10 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bundle.inferer import STRATEGIES  # noqa: E402
 from bundle.io import load_datalist, read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores, summarize  # noqa: E402
+from bundle.reference import check_reference  # noqa: E402
 from bundle.transforms import normalize_intensity  # noqa: E402
-from bundle.workflow import check_reference  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -100,9 +99,8 @@ def _propagate(name: str, fixed: np.ndarray, moving: np.ndarray, label: np.ndarr
 def run_classical(name: str, dataset_dir: str, num_images: int) -> dict:
     """Single-atlas label propagation: register the reference to each target, warp its label (nearest)."""
     reference, targets, names = load_datalist(dataset_dir, num_images)
-    ref_image, ref_label, class_values = check_reference(reference, sorted(names) or None)
-    moving = normalize_intensity(ref_image)
-    ref_label = to_class_index(ref_label, class_values)
+    (ref,), class_values = check_reference(reference, sorted(names) or None)
+    moving, ref_label = normalize_intensity(ref.image), ref.label  # class indices 1..C
     _warm_up(name)
     start, rows = time.time(), []
     for case in tqdm(targets, desc=name, leave=False):
@@ -179,7 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_images", type=int, default=40)
     p.add_argument("--methods", nargs="*", default=["bundle", "elastix", "ants"], choices=["bundle", "elastix", "ants"])
     p.add_argument(
-        "--strategies", nargs="*", default=[], choices=STRATEGIES, help="extra bundle rows, one per strategy"
+        "--strategies",
+        nargs="*",
+        default=[],
+        choices=sorted(_default("sources")),
+        help="extra bundle rows, one per strategy",
     )
     p.add_argument("--set", nargs="*", default=[], help="config overrides for the bundle, key=value (JSON values)")
     p.add_argument("--variant", action="append", default=[], help="extra bundle rows: name:key=value,key=value")

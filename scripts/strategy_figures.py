@@ -19,22 +19,31 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bundle.inferer import STRATEGIES  # noqa: E402
 from bundle.io import load_datalist, read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores  # noqa: E402
+from bundle.reference import check_reference  # noqa: E402
+from bundle.sources import Cohort  # noqa: E402
+from bundle.store import EmbeddingStore, Reference  # noqa: E402
 from bundle.visualize import draw_prompts, montage, overlay, save_overlay  # noqa: E402
-from bundle.workflow import check_reference  # noqa: E402
 
 
-def _inferer(strategy: str, overrides: dict):
+def _parser(overrides: dict):
     from monai.bundle import ConfigParser
-    from monai.utils import set_determinism
 
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
-    parser.update({"bundle_root": ROOT, "progress": False, "strategy": strategy, **overrides})
+    parser.update({"bundle_root": ROOT, "progress": False, **overrides})
+    return parser
+
+
+def _source(strategy: str, store: EmbeddingStore):
+    """The config's source for ``strategy``, decoding with the store's SAM backend."""
+    from monai.utils import set_determinism
+
+    parser = _parser({"strategy": strategy, "trainer#checkpoint_dir": None})
+    parser["sam"] = store.sam
     set_determinism(seed=parser.get_parsed_content("seed"))
-    return parser.get_parsed_content("inferer")
+    return parser.get_parsed_content("source")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -42,23 +51,24 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--dataset_dir", required=True)
     p.add_argument("--num_images", type=int, default=12)
     p.add_argument("--target", type=int, default=0, help="which target (index after the reference) to show")
-    p.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
+    strategies = list(_parser({})["sources"])
+    p.add_argument("--strategies", nargs="*", default=strategies, choices=strategies)
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
 
     reference, cases, names = load_datalist(args.dataset_dir, args.num_images)
-    ref_image, ref_label, class_values = check_reference(reference, sorted(names) or None)
-    ref_index = to_class_index(ref_label, class_values)
+    (ref,), class_values = check_reference(reference, sorted(names) or None)
     targets = [(c.id, read_image(c.image_path)[0]) for c in cases]
     shown = cases[args.target]
     image = targets[args.target][1]
     truth = to_class_index(read_label(shown.label_path), class_values) if shown.label_path else None
-    panels = [overlay(ref_image, ref_index, None, title=f"reference {reference.id}")]
-    embeddings: dict = {}
+    panels = [overlay(ref.image, ref.label, None, title=f"reference {reference.id}")]
+    store = EmbeddingStore(_parser({}).get_parsed_content("sam"))  # every strategy reuses the same SAM encodings
+    cohort = Cohort(targets, store)
     for strategy in args.strategies:
-        inferer = _inferer(strategy, {"trainer#checkpoint_dir": None})
-        inferer.embeddings = embeddings  # every strategy reuses the same SAM encodings
-        pred = inferer(ref_image, ref_index, len(class_values), targets)[args.target]
+        source = _source(strategy, store)
+        state = source.fit(Reference(ref.image, ref.label, len(class_values)), cohort)
+        pred = source.predict(state, targets[args.target][0], image, store)
         label = pred.label()
         title = strategy
         if truth is not None:

@@ -36,8 +36,8 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert np.asarray(Image.open(tmp_path / "demo" / "predictions" / preds[0])).shape == (192, 192)
     assert (tmp_path / "demo" / "overlays" / "montage.png").exists()
     assert (tmp_path / "demo" / "model.pt").exists()  # adapt once, infer many (configs/infer.yaml)
-    assert summary["settings"]["strategy"] == "fused"
-    assert set(summary["strategy_decisions"]) == {"class_1", "class_2", "class_3"}
+    assert summary["source"] == "fused"
+    assert set(summary["strategy_decisions"]) == {"right_lung", "left_lung", "heart"}
     assert [d["source"] for d in summary["strategy_decisions"].values()] == ["warp"] * 3  # anatomy in place
     assert summary["not_found"] == []
     stages = {"sam_encoding_s", "warp_training_s", "prompting_and_sam_decoding_s", "classifier_s"}
@@ -62,4 +62,4 @@ def test_real_cases_where_the_structure_moves_reach_a_dice_floor(tmp_path):
         summary, _ = _run_bundle(tmp_path / name, "--dataset_dir", shared_dataset(name), "--num_images", "4")
         assert summary["num_scored"] == 4
         assert summary["per_class"][structure] > floor, (name, summary["per_class"], summary["strategy_decisions"])
-        assert summary["strategy_decisions"]["class_1"]["source"] == "aligned", summary["strategy_decisions"]
+        assert summary["strategy_decisions"][structure]["source"] == "aligned", summary["strategy_decisions"]

@@ -85,3 +85,36 @@ def test_unreadable_target_is_reported_and_others_segmented(tmp_path):
         assert key in summary
     assert summary["per_class"]["blob"] > 70
     assert (out / "overlays" / "c1.png").exists() and (out / "metrics.csv").read_text().startswith("id,dice_blob")
+
+
+def _stamps(out):
+    pred = out / "predictions"
+    return {n: os.stat(pred / n).st_mtime_ns for n in sorted(os.listdir(pred))}
+
+
+@pytest.mark.parametrize("change", [{"trainer#aug_weight": 0}, {"match_points": 4}, {"postprocessing#transforms": []}])
+def test_any_config_change_into_the_same_output_dir_starts_afresh(tmp_path, change):
+    root = _dataset(tmp_path / "data")
+    job = {"dataset_dir": str(root), "strategy": "registration"}
+    _workflow(tmp_path, **job).run()
+    first = _stamps(tmp_path / "out")
+    fingerprint = json.loads((tmp_path / "out" / "run_state.json").read_text())["fingerprint"]
+    _workflow(tmp_path, **job).run()  # unchanged: everything is resumed, nothing rewritten
+    assert _stamps(tmp_path / "out") == first
+    assert json.loads((tmp_path / "out" / "run_state.json").read_text())["fingerprint"] == fingerprint
+    _workflow(tmp_path, **job, **change).run()  # changed: a different job, every prediction made again
+    again = _stamps(tmp_path / "out")
+    assert set(again) == set(first) and all(again[n] != first[n] for n in first)
+    assert json.loads((tmp_path / "out" / "run_state.json").read_text())["fingerprint"] != fingerprint
+
+
+def test_an_adapted_model_of_another_job_is_not_overwritten_silently(tmp_path):
+    root = _dataset(tmp_path / "data")
+    shared = str(tmp_path / "models" / "model.pt")  # outside both output folders
+    job = {"dataset_dir": str(root), "strategy": "registration", "adapted_model": shared}
+    _workflow(tmp_path, **job).run()
+    other = {**job, "output_dir": str(tmp_path / "other"), "working_size": 32}
+    with pytest.raises(FileExistsError, match="overwrite_model"):
+        _workflow(tmp_path, **other).run()
+    assert not os.path.exists(tmp_path / "other" / "predictions")  # refused before any work
+    _workflow(tmp_path, **other, overwrite_model=True).run()

@@ -1,0 +1,232 @@
+"""Sources on synthetic cohorts: each fits on a reference and a cohort and predicts one image at a time."""
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.alignment import gradient_magnitude
+from bundle.classifier import PatchClassifier
+from bundle.decoder import SamDecoder
+from bundle.engine import WarpTrainer
+from bundle.losses import WarpingLoss
+from bundle.networks import WarpNet
+from bundle.prediction import Prediction, combine
+from bundle.prompts import PromptGenerator
+from bundle.sources import AlignedSource, ClassifierSource, Cohort, FusedSource, MatchSource, PerSamSource, WarpSource
+from bundle.sources.aligned import aligned_score
+from bundle.sources.warp import WarpState
+from bundle.store import EmbeddingStore, Reference
+from bundle.transforms import one_hot, reference_augmentation
+from tests.conftest import disk
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _cohort(size=(72, 96)):
+    def case(shift):
+        label = np.zeros(size, np.int64)
+        label[disk(size, (30 + shift, 30 + shift), 12)] = 1
+        label[disk(size, (36 + shift, 66 + shift), 10)] = 2
+        image = np.where(label > 0, 180.0, 40.0) + np.where(label == 2, 50.0, 0.0)
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case(0)
+    targets = [(f"t{i}", case(s)) for i, s in enumerate((2, 4, 5))]
+    return ref_image, ref_label, targets
+
+
+def _moving_cohort(size=(96, 128)):
+    """A bright textured disk that moves and changes size from image to image (where warping struggles)."""
+    rng = np.random.default_rng(0)
+
+    def case(centre, radius):
+        label = disk(size, centre, radius).astype(np.int64)
+        image = 40 + 10 * rng.standard_normal(size) + label * (150 + 20 * np.sin(np.arange(size[1]) / 2.0))
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case((30, 35), 14)
+    targets = [(f"t{i}", case(c, r)) for i, (c, r) in enumerate([((65, 95), 18), ((40, 90), 10), ((62, 30), 16)])]
+    return ref_image, ref_label, targets
+
+
+def _trainer(**kwargs):
+    return WarpTrainer(WarpNet(), WarpingLoss(), reference_augmentation(64), progress=False, **kwargs)
+
+
+def _setup(sam, ref_image, ref_label, targets, num_classes):
+    store = EmbeddingStore(sam)
+    return Reference(ref_image, ref_label, num_classes), Cohort([(k, img) for k, (img, _) in targets], store), store
+
+
+def test_every_image_is_encoded_once_across_rounds(lite_medsam, monkeypatch):
+    ref_image, ref_label, targets = _cohort()
+    calls = []
+    original = lite_medsam.encode
+    monkeypatch.setattr(lite_medsam, "encode", lambda image: calls.append(image.shape) or original(image))
+    trainer = _trainer(batch_size=3, min_iterations=5)
+    source = WarpSource(trainer, SamDecoder(lite_medsam, PromptGenerator(num_points=2), refine=1), 64, rounds=1)
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    state = source.fit(reference, cohort)
+    preds = [source.predict(state, k, img, store) for k, (img, _) in targets]
+    assert len(calls) == 1 + len(targets)  # reference (for prototypes) + each target, once for all rounds
+    assert trainer.round == 2
+    for (_, (_, truth)), pred in zip(targets, preds):
+        label = pred.label()
+        assert label.shape == truth.shape and set(np.unique(label)) <= {0, 1, 2}
+        for c in (1, 2):
+            assert _dice(label == c, truth == c) > 0.4, c  # found in the right place (points + refinement on)
+
+
+def test_registration_needs_no_sam_encoding(lite_medsam, monkeypatch):
+    ref_image, ref_label, targets = _cohort()
+    monkeypatch.setattr(lite_medsam, "encode", lambda image: pytest.fail("SAM must not run"))
+    source = WarpSource(_trainer(min_iterations=3), None, 64)
+    assert source.kind == "registration"
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    state = source.fit(reference, cohort)
+    assert [source.predict(state, k, img, store).label().shape for k, (img, _) in targets] == [(72, 96)] * 3
+
+
+@pytest.mark.parametrize("kind", ["match", "persam"])
+def test_feature_sources_find_a_moving_object(lite_medsam, kind):
+    ref_image, ref_label, targets = _moving_cohort()
+    decoder = SamDecoder(lite_medsam)
+    source = MatchSource(decoder) if kind == "match" else PerSamSource(decoder)
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
+    state = source.fit(reference, cohort)
+    for key, (image, truth) in targets:
+        pred = source.predict(state, key, image, store)
+        assert pred.found.tolist() == [True]
+        points, labels = pred.prompts.points[0].round().long(), pred.prompts.point_labels[0]
+        pos, neg = points[labels == 1], points[labels == 0]
+        assert len(pos) >= 1 and len(neg) >= 1
+        assert truth[pos[:, 1], pos[:, 0]].all()  # (x, y) points land inside the moved object...
+        assert not truth[neg[:, 1], neg[:, 0]].any()  # ...and negatives outside it
+        assert pred.label().shape == truth.shape and (pred.label() == 1).any()
+
+
+def test_match_reports_a_class_without_reference_pixels_as_not_found(lite_medsam):
+    ref_image, ref_label, targets = _moving_cohort()
+    source = MatchSource(SamDecoder(lite_medsam))
+    # class 2 is declared but has no reference pixel: no positive match can exist for it
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    state = source.fit(reference, cohort)
+    for key, (image, _) in targets:
+        pred = source.predict(state, key, image, store)
+        assert pred.found.tolist() == [True, False]
+        assert not (pred.label() == 2).any()
+
+
+def _fused(sam, **kwargs):
+    trainer = _trainer(batch_size=3, min_iterations=10)
+    decoder = SamDecoder(sam)
+    locator = ClassifierSource(decoder, PatchClassifier(iterations=100), self_training=1)
+    aligned = AlignedSource(locator, trainer, decoder, 64)
+    return FusedSource(WarpSource(trainer, decoder, 64), locator, aligned, **kwargs)
+
+
+def test_fused_aligns_by_the_classifier_where_the_object_moves(lite_medsam):
+    ref_image, ref_label, targets = _moving_cohort()
+    source = _fused(lite_medsam)
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
+    state = source.fit(reference, cohort)
+    assert [d.source for d in state.decisions] == ["aligned"], state.decisions
+    assert state.fallback is not None and state.fallback.warp is not None
+    # the aligned network is its own copy: it differs from the plain warp's network
+    plain, aligned = state.primary.network.state_dict(), state.fallback.warp.network.state_dict()
+    assert any(not torch.equal(plain[k], aligned[k]) for k in plain)
+    preds = [source.predict(state, k, img, store) for k, (img, _) in targets]
+    assert np.mean([_dice(p.label() == 1, t == 1) for (_, (_, t)), p in zip(targets, preds)]) > 0.8
+
+
+def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):
+    def pred(masks):
+        return Prediction(torch.where(torch.from_numpy(np.stack(masks)), 5.0, -5.0), torch.ones(len(masks)))
+
+    a, b, far = disk((40, 40), (12, 12), 6), disk((40, 40), (13, 12), 6), disk((40, 40), (30, 30), 6)
+    warped = [pred([a, a]), pred([a, a])]
+    located = [pred([b, far]), pred([b, far])]  # class 1 agrees with the warp, class 2 does not
+    decisions = _fused(lite_medsam).decide(warped, located, None)
+    assert [d.source for d in decisions] == ["warp", "aligned"]
+    assert decisions[0].agreement > 0.73 > decisions[1].agreement
+    use = torch.tensor([d.source == "warp" for d in decisions])
+    for w, m in zip(warped, located):
+        fused = combine(use, w, m)
+        assert _dice(fused.label() == 1, a) == 1.0 and _dice(fused.label() == 2, far) == 1.0
+    # the warp's own similarity keeps it even where the classifier disagrees
+    kept = _fused(lite_medsam).decide(warped, located, torch.tensor([[0.9, 0.9], [0.9, 0.9]]))
+    assert [d.source for d in kept] == ["warp", "warp"]
+
+
+def _mask_pred(masks, iou):
+    return Prediction(torch.where(torch.from_numpy(np.stack(masks)), 5.0, -5.0), torch.tensor(iou))
+
+
+def test_aligned_score_prefers_a_compact_confident_mask_over_a_leaked_one():
+    size = (80, 100)
+    head = disk(size, (30, 40), 15)
+    leaked = head.copy()
+    leaked[44:70, 10:90] = True  # the mask ran into the neighbouring tissue
+    both = torch.tensor([True, True])
+    # same SAM confidence: the leak loses; much lower confidence outweighs compactness
+    assert aligned_score(_mask_pred([head, head], [0.9, 0.9]), both) > aligned_score(
+        _mask_pred([leaked, head], [0.9, 0.9]), both
+    )
+    assert aligned_score(_mask_pred([head, head], [0.3, 0.3]), both) < aligned_score(
+        _mask_pred([leaked, leaked], [0.95, 0.95]), both
+    )
+    # only the aligned classes count, and a class with nothing found scores nothing
+    only_first = torch.tensor([True, False])
+    assert aligned_score(_mask_pred([head, leaked], [0.9, 0.1]), only_first) == pytest.approx(
+        0.9 * aligned_score(_mask_pred([head], [1.0]), torch.tensor([True])), rel=1e-6
+    )
+    empty = np.zeros(size, bool)
+    assert aligned_score(_mask_pred([empty, empty], [0.9, 0.9]), both) == 0.0
+
+
+def test_aligned_score_with_the_image_prefers_the_mask_on_the_structures_edge():
+    size = (80, 100)
+    structure = disk(size, (40, 50), 15)
+    gradient = gradient_magnitude(np.where(structure, 200.0, 60.0).astype(np.float32))  # bright structure, dark fluid
+    one = torch.tensor([True])
+    # structure + fluid is as convex and SAM is more confident about it: only the outline tells them apart
+    with_fluid, alone = _mask_pred([disk(size, (40, 50), 28)], [0.9]), _mask_pred([structure], [0.85])
+    assert aligned_score(with_fluid, one) > aligned_score(alone, one)
+    assert aligned_score(alone, one, gradient) > aligned_score(with_fluid, one, gradient)
+
+
+def test_warp_similarity_is_high_where_the_warp_found_the_structure():
+    torch.manual_seed(0)
+    ref = torch.from_numpy(disk((64, 64), (28, 30), 12)).float()[None]
+    rng = torch.Generator().manual_seed(0)
+    textured = ref + 0.3 * torch.rand(ref.shape, generator=rng)  # the reference's disk, textured
+    source = WarpSource(None, None, 64)
+    state = WarpState(WarpNet().eval(), textured, one_hot(ref[0].long(), 1))  # an untrained net: the identity warp
+    same = textured[0].numpy() * 255
+    noise = torch.rand((64, 64), generator=rng).numpy() * 255  # an image without the structure
+    assert source.similarity(state, same)[0] > 0.99
+    assert source.similarity(state, noise)[0] < 0.3
+
+
+def test_a_reference_has_its_own_embedding_slot(lite_medsam):
+    """Two references (e.g. two slices of a labelled volume) never share a cached embedding or features."""
+    ref_image, ref_label, _ = _cohort()
+    store = EmbeddingStore(lite_medsam)
+    first = Reference(ref_image, ref_label, 2)
+    second = Reference(np.ascontiguousarray(ref_image[::-1]), np.ascontiguousarray(ref_label[::-1]), 2)
+    a, b = store.reference_embedding(first), store.reference_embedding(second)
+    assert not torch.equal(a.features, b.features)
+    assert store.reference_embedding(first) is a  # cached within its own slot
+    assert not torch.equal(store.reference_features(first), store.reference_features(second))
+
+
+def test_store_keeps_embeddings_on_disk_beyond_its_memory_budget(lite_medsam, tmp_path, monkeypatch):
+    _, _, targets = _cohort()
+    store = EmbeddingStore(lite_medsam, directory=str(tmp_path / "emb"), max_in_memory=1)
+    first = {k: store.embedding(k, img).features.clone() for k, (img, _) in targets}
+    assert len(list((tmp_path / "emb").iterdir())) == len(targets)
+    monkeypatch.setattr(lite_medsam, "encode", lambda image: pytest.fail("must come from disk"))
+    for k, (img, _) in targets:
+        assert torch.equal(store.embedding(k, img).features, first[k])
