@@ -3,6 +3,7 @@ pipeline: read, check, cut into slices, intensity scaling, processing size."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -14,12 +15,55 @@ from monai.transforms import Transform
 
 from bundle.demo import make_demo_dataset
 from bundle.dicom import read_dicom_series
-from bundle.io import Case, Volume, case_id, load_datalist, read_target
+from bundle.io import Case, InvalidReferenceError, Volume, case_id, read_target
 from bundle.transforms import scale_intensity, shrink
 
-__all__ = ["CohortDataset", "ImageDataset", "PrepareTarget", "Target", "dicom_order"]
+__all__ = ["CohortDataset", "ImageDataset", "PrepareTarget", "Target", "dicom_order", "load_datalist"]
 
 logger = logging.getLogger(__name__)
+
+
+def load_datalist(
+    dataset_dir: str,
+    num_images: int | None = None,
+    reference_image: str | None = None,
+    reference_label: str | None = None,
+) -> tuple[Case, list[Case], dict[int, str]]:
+    """Reference case, target cases and class names from ``dataset_dir/dataset.json`` (MONAI decathlon format).
+
+    The reference is the first case by sorted image name unless given explicitly. Unlabelled entries
+    (``test`` list, or ``training`` items without ``label``) become unlabelled targets.
+    """
+    path = os.path.join(dataset_dir, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no datalist: {path} does not exist (expected a MONAI decathlon dataset.json)")
+    with open(path) as f:
+        spec = json.load(f)
+    items = []
+    for item in spec.get("training", []) + spec.get("test", []):
+        if isinstance(item, str):
+            item = {"image": item}
+        image = os.path.join(dataset_dir, item["image"])
+        label = os.path.join(dataset_dir, item["label"]) if item.get("label") else None
+        items.append(Case(case_id(image), image, label))
+    items.sort(key=lambda c: os.path.basename(c.image_path))
+    names = {int(k): v for k, v in spec.get("labels", {}).items() if int(k) != 0}
+    if reference_image:
+        same = [c for c in items if os.path.abspath(c.image_path) == os.path.abspath(reference_image)]
+        # a reference named from the datalist keeps its listed label unless another is given
+        reference = same[0] if same else Case(case_id(reference_image), reference_image, reference_label)
+        targets = [c for c in items if c not in same]
+    else:
+        labelled = [c for c in items if c.label_path]
+        if not labelled:
+            raise InvalidReferenceError(f"{path}: no labelled case to use as reference; pass --reference_image/label")
+        reference = labelled[0]
+        targets = [c for c in items if c is not reference]
+    if reference_label:
+        reference.label_path = reference_label
+    if num_images is not None and num_images > 0:
+        targets = targets[: int(num_images)]
+    return reference, targets, names
 
 
 @dataclass

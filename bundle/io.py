@@ -6,7 +6,6 @@ bundle works in numpy's (row, column) = (H, W) order. ``to_hw`` and ``from_hw`` 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,6 @@ from monai.transforms import LoadImage
 __all__ = [
     "Case",
     "InvalidReferenceError",
-    "load_datalist",
     "Volume",
     "is_dicom",
     "read_volume",
@@ -235,49 +233,6 @@ def read_label_volume(path: str, like: Volume) -> np.ndarray:
     volume = read_volume(path, -1 if like.axis is None else like.axis)
     label = volume.slices[..., 0] if volume.slices.ndim == 4 else volume.slices
     return np.rint(label).astype(np.int64)
-
-
-def load_datalist(
-    dataset_dir: str,
-    num_images: int | None = None,
-    reference_image: str | None = None,
-    reference_label: str | None = None,
-) -> tuple[Case, list[Case], dict[int, str]]:
-    """Reference case, target cases and class names from ``dataset_dir/dataset.json`` (MONAI decathlon format).
-
-    The reference is the first case by sorted image name unless given explicitly. Unlabelled entries
-    (``test`` list, or ``training`` items without ``label``) become unlabelled targets.
-    """
-    path = os.path.join(dataset_dir, "dataset.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no datalist: {path} does not exist (expected a MONAI decathlon dataset.json)")
-    with open(path) as f:
-        spec = json.load(f)
-    items = []
-    for item in spec.get("training", []) + spec.get("test", []):
-        if isinstance(item, str):
-            item = {"image": item}
-        image = os.path.join(dataset_dir, item["image"])
-        label = os.path.join(dataset_dir, item["label"]) if item.get("label") else None
-        items.append(Case(case_id(image), image, label))
-    items.sort(key=lambda c: os.path.basename(c.image_path))
-    names = {int(k): v for k, v in spec.get("labels", {}).items() if int(k) != 0}
-    if reference_image:
-        same = [c for c in items if os.path.abspath(c.image_path) == os.path.abspath(reference_image)]
-        # a reference named from the datalist keeps its listed label unless another is given
-        reference = same[0] if same else Case(case_id(reference_image), reference_image, reference_label)
-        targets = [c for c in items if c not in same]
-    else:
-        labelled = [c for c in items if c.label_path]
-        if not labelled:
-            raise InvalidReferenceError(f"{path}: no labelled case to use as reference; pass --reference_image/label")
-        reference = labelled[0]
-        targets = [c for c in items if c is not reference]
-    if reference_label:
-        reference.label_path = reference_label
-    if num_images is not None and num_images > 0:
-        targets = targets[: int(num_images)]
-    return reference, targets, names
 
 
 def to_class_index(label: np.ndarray, class_values: list[int]) -> np.ndarray:

@@ -98,7 +98,7 @@ class OneShotModel:
         """Per class name, the fused source's choice and measurements (empty for other sources)."""
         out = {}
         for group in self.groups:
-            for c, decision in zip(group.classes, getattr(group.state, "decisions", [])):
+            for c, decision in zip(group.classes, group.source.decisions(group.state)):
                 out[self.class_names[c]] = vars(decision)
         return out
 

@@ -28,7 +28,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bundle.io import load_datalist, read_image, read_label, to_class_index  # noqa: E402
+from bundle.dataset import load_datalist  # noqa: E402
+from bundle.io import read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores, summarize  # noqa: E402
 from bundle.reference import check_reference  # noqa: E402
 from bundle.transforms import normalize_intensity  # noqa: E402

@@ -4,7 +4,9 @@
 #   2. the network's input and output shapes and dtypes from the metadata (monai.bundle verify_net_in_out);
 #   3. a TorchScript export by tracing (monai.bundle ckpt_export --use_trace) of a seeded network (random weights,
 #      so that its displacements are far from zero) saved as {"network": state_dict, ...}, the way models/model.pt
-#      stores it; the exported module must give the eager network's output.
+#      stores it; the exported module must give the eager network's output;
+#   4. MONAI's inference-workflow properties (ids such as dataset, evaluator, inferer, and the optional ids'
+#      references) on configs/inference.yaml and configs/infer.yaml (ConfigWorkflow.check_properties).
 # PYTHON picks the interpreter (default: .venv/bin/python when present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,5 +72,20 @@ assert got.shape == (2, 2, 128, 128), got.shape
 assert expected.abs().max() > 1.0, "the test network's displacements are too small to compare"
 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 print(f"traced TorchScript matches the eager network (max |diff| {(got - expected).abs().max().item():.2e})")
+EOF
+echo "== InferProperties of configs/inference.yaml and configs/infer.yaml"
+"$PYTHON" - <<'EOF'
+import os
+import sys
+
+from monai.bundle import ConfigWorkflow
+
+sys.path.insert(0, os.getcwd())  # as `python -m monai.bundle run` from the bundle root has it
+for config in ("configs/inference.yaml", "configs/infer.yaml"):
+    workflow = ConfigWorkflow(config_file=config, meta_file="configs/metadata.json", workflow_type="infer")
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert missing == [], f"{config}: missing or wrongly referenced properties {missing}"
+    print(f"{config}: every inference property present")
 EOF
 echo "zoo checks passed"

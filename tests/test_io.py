@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.io import load_datalist, output_name, read_image, read_label, save_label
+from bundle.dataset import load_datalist
+from bundle.io import output_name, read_image, read_label, save_label
 
 
 def test_png_orientation_is_row_column(tmp_path):

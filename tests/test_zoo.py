@@ -212,3 +212,18 @@ def test_readme_performance_matches_the_benchmark():
     assert [metrics[f"mean_dice_{d}"] for d in ("jsrt", "hc18", "ph2")] == [
         round(float(v) / 100, 3) for v in (jsrt, hc18, ph2)
     ]
+
+
+@pytest.mark.parametrize("config", ["inference.yaml", "infer.yaml"])
+def test_configs_have_every_inference_property(config, monkeypatch):
+    from monai.bundle import ConfigWorkflow
+
+    monkeypatch.chdir(ROOT)
+    workflow = ConfigWorkflow(
+        config_file=os.path.join("configs", config), meta_file=META, logging_file=False, workflow_type="infer"
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    # a wrongly referenced optional id is reported: the check can fail
+    workflow.parser["dataset"]["transform"] = "@augmentation" if config == "inference.yaml" else "@postprocessing"
+    assert workflow.check_properties() == ["preprocessing"]

@@ -50,6 +50,10 @@ class Source(ABC):
     def predict(self, state: Any, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         """Prediction for one (H, W[, 3]) image (``key`` names its embedding in ``store``) with a fitted state."""
 
+    def decisions(self, state: Any) -> list[Any]:
+        """Per class, what the source chose and why (a fusing source's ``Decision``); [] for a single source."""
+        return []
+
     @abstractmethod
     def state_dict(self, state: Any) -> dict[str, Any]:
         """The fitted state and the settings ``predict`` uses, as tensors and plain values."""

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Decision:
-    """Which source serves one class, and the cohort measurements behind the choice."""
+    """Which source serves one class (``primary``: the warp), and the cohort measurements behind the choice."""
 
+    primary: bool
     source: str
     agreement: float
     warp_similarity: float | None = None
@@ -47,7 +48,7 @@ class FusedState:
 
     @property
     def use_primary(self) -> torch.Tensor:
-        return torch.tensor([d.source == "warp" for d in self.decisions])
+        return torch.tensor([d.primary for d in self.decisions])
 
 
 @register("fused")
@@ -79,7 +80,7 @@ class FusedSource(Source):
         self, warped: list[Prediction], located: list[Prediction], similarity: torch.Tensor | None
     ) -> list[Decision]:
         """Per class, the source to use, from the cohort's warp and locator predictions and (N, C) similarities."""
-        other = "aligned" if self.fallback is not None else "classifier"
+        other = (self.fallback or self.locator).kind
         pw, pc = [p.masks() for p in warped], [p.masks() for p in located]
         decisions = []
         for c in range(warped[0].logits.shape[0]):
@@ -88,7 +89,7 @@ class FusedSource(Source):
             if similarity is not None:
                 sim = round(float(similarity[:, c].median()), 3)
                 found |= self.warp_similarity is not None and sim >= self.warp_similarity
-            decisions.append(Decision("warp" if found else other, round(agree, 3), sim))
+            decisions.append(Decision(found, self.primary.kind if found else other, round(agree, 3), sim))
         return decisions
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> FusedState:
@@ -100,11 +101,14 @@ class FusedSource(Source):
         located = [self.locator.predict(locator, k, img, store) for k, img in cohort.bar(cohort.items, "classifier")]
         decisions = self.decide(warped, located, similarity)
         logger.info("fused source, per class: %s", [asdict(d) for d in decisions])
-        lost = torch.tensor([d.source != "warp" for d in decisions])
+        lost = torch.tensor([not d.primary for d in decisions])
         fallback = None
         if self.fallback is not None and lost.any():
             fallback = self.fallback.fit(reference, cohort, lost, locator=locator)
         return FusedState(decisions, primary, locator, fallback)
+
+    def decisions(self, state: FusedState) -> list[Decision]:
+        return state.decisions
 
     def predict(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         use = state.use_primary
