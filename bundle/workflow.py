@@ -4,6 +4,7 @@ target) and the adapted run (apply a saved model to new images). Both read and p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -192,8 +193,6 @@ class OneShotSegmentation(_Run):
         path = os.path.join(self.output_dir, "run_state.json")
         same = False
         if self.resume and os.path.exists(path):
-            import json
-
             with open(path) as f:
                 same = json.load(f).get("fingerprint") == job
         if not same:

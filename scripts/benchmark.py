@@ -57,7 +57,6 @@ def run_bundle(dataset_dir: str, num_images: int, overrides: dict, output_dir: s
     parser.update({"adapted_model": os.path.join(output_dir, "model.pt"), **overrides})
     set_determinism(seed=parser.get_parsed_content("seed"))
     summary = parser.get_parsed_content("workflow").run()
-    summary.pop("settings", None)
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Adapt once, infer many: a full cohort run saves models/model.pt, then configs/infer.yaml segments new images.
+"""Adapt once, infer many: a full cohort run saves its fitted model, then configs/infer.yaml segments new images.
 
     python scripts/benchmark_adapted.py --dataset_dir ../shared/data/jsrt --num_images 40 --num_new 40
         [--set key=value ...] [--markdown docs/benchmarks.md]
@@ -64,7 +64,7 @@ def table(full: dict, adapted: dict, num_images: int, num_new: int) -> str:
     )
     per = " | ".join(f"{adapted['per_class'][c]:.1f}" for c in classes)
     lines.append(
-        f"| adapted model (configs/infer.yaml, models/model.pt) | {num_images + 1}-{num_images + num_new} (new) | "
+        f"| adapted model (configs/infer.yaml, model.pt) | {num_images + 1}-{num_images + num_new} (new) | "
         f"{per} | **{adapted['dice_mean']:.1f}** | {adapted['seconds_per_image']:.2f} "
         f"(+ {adapted['load_seconds']:.1f} s loading, once) |"
     )

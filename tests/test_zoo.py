@@ -154,7 +154,7 @@ def test_traced_torchscript_export_equals_the_eager_network(tmp_path):
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ckpt, ts = str(tmp_path / "model.pt"), str(tmp_path / "model.ts")
-    torch.save({"network": net.state_dict(), "optimizer": {}, "epoch": 3}, ckpt)  # as models/model.pt nests it
+    torch.save({"network": net.state_dict(), "optimizer": {}, "epoch": 3}, ckpt)  # as the fitted model.pt nests it
 
     ckpt_export(
         net_id="network_def",

@@ -115,9 +115,16 @@ class AlignedSource(Source):
         return to_working(torch.from_numpy(aligned)[None], self.warper.working_size)
 
     def _candidates(
-        self, state_locator: PatchClassifier, ref_label: np.ndarray, classes: torch.Tensor, key, image, store
-    ):
-        probs = PatchClassifier.upsample(self.locator.grid(state_locator, key, image, store), image.shape[:2])
+        self,
+        locator: PatchClassifier,
+        ref_label: np.ndarray,
+        classes: torch.Tensor,
+        key: str,
+        image: np.ndarray,
+        store: EmbeddingStore,
+    ) -> list[tuple[Frame, Frame]]:
+        """Candidate frames of one image from the fitted ``locator``'s probabilities."""
+        probs = PatchClassifier.upsample(self.locator.grid(locator, key, image, store), image.shape[:2])
         return aligned_frames(ref_label, classes, probs, self.scales)
 
     def fit(
@@ -147,7 +154,7 @@ class AlignedSource(Source):
             start = time.time()
             trainer.fit()
             cohort.store.clock.add("aligned_warp_training_s", start)
-        return AlignedState(self.warper._state(moving, moving_label, None), locator, classes, reference.label)
+        return AlignedState(self.warper.trained_state(moving, moving_label), locator, classes, reference.label)
 
     def predict(self, state: AlignedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         candidates = (

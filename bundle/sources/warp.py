@@ -98,7 +98,7 @@ class WarpSource(Source):
             self.trainer.fit()
             cohort.store.clock.add("warp_training_s", start)
             first = 0
-        state = self._state(moving, moving_label, prototypes)
+        state = self.trained_state(moving, moving_label, prototypes)
         for r in range(first, self.rounds if self.decoder is not None else 0):
             start = time.time()
             predictions = [
@@ -118,10 +118,13 @@ class WarpSource(Source):
             self.trainer.set_pseudo_labels(labels, weights)
             self.trainer.fit()
             cohort.store.clock.add("warp_training_s", start)
-            state = self._state(moving, moving_label, prototypes)
+            state = self.trained_state(moving, moving_label, prototypes)
         return state
 
-    def _state(self, moving: torch.Tensor, moving_label: torch.Tensor, prototypes: torch.Tensor | None) -> WarpState:
+    def trained_state(
+        self, moving: torch.Tensor, moving_label: torch.Tensor, prototypes: torch.Tensor | None = None
+    ) -> WarpState:
+        """A copy of the trainer's network as it is now, with the reference it carries."""
         return WarpState(copy.deepcopy(self.trainer.network).eval(), moving, moving_label, prototypes)
 
     def predict(self, state: WarpState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:

@@ -14,7 +14,7 @@ def jsrt() -> str:
 
 @pytest.fixture(scope="session")
 def adapted_model(tmp_path_factory, jsrt) -> str:
-    """models/model.pt from a short fused adaptation on the first JSRT cases (fast settings), in a temporary folder.
+    """A fitted model from a short fused adaptation on the first JSRT cases (fast settings), in a temporary folder.
 
     ONESHOT_LABEL_MODEL names an adapted model made by this fixture before, to skip the adaptation while developing.
     """
