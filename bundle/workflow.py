@@ -59,7 +59,7 @@ class _Run:
         targets: list[Target],
         errors: list[dict],
         start: float,
-        **extra,
+        extra: dict[str, Any],
     ) -> dict[str, Any]:
         seconds = self.evaluator.evaluate(model, store, targets, errors)
         state = self.evaluator.state
@@ -167,9 +167,8 @@ class OneShotSegmentation(_Run):
             model.save(self.adapted_model, job=job)
             logger.info("adapted model saved to %s (configs/infer.yaml --model_path)", self.adapted_model)
         reference_files = {"image": reference.image_path, "label": reference.label_path}
-        return self._apply(
-            model, self.store, targets, errors, start, reference=reference_files, source=self.source.kind
-        )
+        extra = {"reference": reference_files, "source": self.source.kind}
+        return self._apply(model, self.store, targets, errors, start, extra)
 
     def _check_model_path(self, job: str) -> None:
         """Refuse, before any work, to replace an adapted model outside ``output_dir`` that another job wrote."""
@@ -238,7 +237,7 @@ class AdaptedSegmentation(_Run):
         model = OneShotModel.load(self.model_path, self.store, self.device)
         self.dataset.load()
         targets, errors = self._read()
-        return self._apply(model, self.store, targets, errors, start, model=os.path.abspath(self.model_path))
+        return self._apply(model, self.store, targets, errors, start, {"model": os.path.abspath(self.model_path)})
 
 
 def _print(summary: dict[str, Any]) -> None:
