@@ -6,8 +6,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from bundle.alignment import probable_region
+from bundle.layout import components
 from bundle.prediction import Prediction
 from bundle.prompts import PromptGenerator, Prompts, mask_to_box, masks_to_boxes
 from bundle.sam import Embedding, SamBackend
@@ -23,6 +25,10 @@ class SamDecoder:
         prompter: turns soft masks into prompts (box, mask, points).
         refine: refinement passes (SAM's answer -> new mask and box prompts -> SAM).
         refine_multimask: in refinement passes, three masks and the best predicted IoU.
+        part_share: a class whose prompt mask has separate parts of at least this share of its largest part gets one
+            prompt set per part (at most ``max_parts``), decoded separately and united: one box over two lungs makes
+            SAM return one blob across the mediastinum. 0 or less: one prompt set per class.
+        max_parts: at most this many parts per class.
     """
 
     def __init__(
@@ -31,17 +37,55 @@ class SamDecoder:
         prompter: PromptGenerator | None = None,
         refine: int = 0,
         refine_multimask: bool = False,
+        part_share: float = 0.2,
+        max_parts: int = 4,
     ):
         self.sam, self.prompter = sam, prompter or PromptGenerator()
         self.refine, self.refine_multimask = int(refine), bool(refine_multimask)
+        self.part_share, self.max_parts = float(part_share), int(max_parts)
 
     def settings(self) -> dict[str, Any]:
         """What ``from_settings`` needs to rebuild this decoder around a SAM backend."""
-        return {"prompter": self.prompter.settings(), "refine": self.refine, "refine_multimask": self.refine_multimask}
+        return {
+            "prompter": self.prompter.settings(),
+            "refine": self.refine,
+            "refine_multimask": self.refine_multimask,
+            "part_share": self.part_share,
+            "max_parts": self.max_parts,
+        }
 
     @classmethod
     def from_settings(cls, sam: SamBackend, settings: dict[str, Any]) -> "SamDecoder":
-        return cls(sam, PromptGenerator(**settings["prompter"]), settings["refine"], settings["refine_multimask"])
+        return cls(
+            sam,
+            PromptGenerator(**settings["prompter"]),
+            settings["refine"],
+            settings["refine_multimask"],
+            settings.get("part_share", 0.0),
+            settings.get("max_parts", 1),
+        )
+
+    def split(self, probs: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(P, H, W) probabilities, one row per separate part of each class of (C, H, W) ``probs`` (each pixel to its
+        nearest part), and the class of each row; a class in one part keeps its row unchanged."""
+        rows, owner = [], []
+        for c, p in enumerate(probs):
+            parts = []
+            if self.part_share > 0:
+                parts = components((p > self.prompter.threshold).numpy(), self.part_share)[: self.max_parts]
+            if len(parts) <= 1:
+                rows.append(p)
+                owner.append(c)
+                continue
+            index = np.zeros(p.shape, np.int32)
+            for k, part in enumerate(parts, start=1):
+                index[part] = k
+            nearest = ndimage.distance_transform_edt(index == 0, return_distances=False, return_indices=True)
+            index = index[nearest[0], nearest[1]]
+            for k in range(1, len(parts) + 1):
+                rows.append(p * torch.from_numpy(index == k).to(p))
+                owner.append(c)
+        return torch.stack(rows), owner
 
     def decode(
         self, embedding: Embedding, prompts: Prompts, multimask: bool, logits: torch.Tensor, iou: torch.Tensor
@@ -55,18 +99,47 @@ class SamDecoder:
         rows = torch.arange(len(best))
         logits[keep], iou[keep] = out[rows, best].cpu(), score[rows, best].cpu()
 
+    def decode_parts(
+        self,
+        embedding: Embedding,
+        probs: torch.Tensor,
+        prototypes: torch.Tensor | None,
+        multimask: bool,
+        logits: torch.Tensor,
+        iou: torch.Tensor,
+    ) -> Prompts:
+        """``decode`` on prompts from (C, H, W) probabilities, one prompt set per part of each class (``split``);
+        a class's parts are united (highest logit) and their predicted IoUs averaged. Returns the class-level
+        prompts (one row per class, for pictures and ``found``)."""
+        whole = self.prompter(self.sam, embedding, probs, prototypes)
+        rows, owner = self.split(probs)
+        if len(owner) == probs.shape[0]:
+            self.decode(embedding, whole, multimask, logits, iou)
+            return whole
+        prototypes_rows = None if prototypes is None else prototypes[owner]
+        parts = self.prompter(self.sam, embedding, rows, prototypes_rows)
+        part_logits = torch.full((len(owner), *logits.shape[1:]), -20.0)
+        part_iou = torch.zeros(len(owner))
+        self.decode(embedding, parts, multimask, part_logits, part_iou)
+        owner_t = torch.tensor(owner)
+        for c in range(probs.shape[0]):
+            mine = (owner_t == c) & parts.valid
+            if mine.any():
+                logits[c], iou[c] = part_logits[mine].amax(0), part_iou[mine].mean()
+        return whole
+
     @torch.no_grad()
     def segment(self, embedding: Embedding, probs: torch.Tensor, prototypes: torch.Tensor | None = None) -> Prediction:
         """SAM on prompts from (C, H, W) probabilities, then ``refine`` passes; classes without a mask stay empty."""
         pred = Prediction.empty(probs.shape[0], embedding.original_size)
-        prompts = first = self.prompter(self.sam, embedding, probs, prototypes)
-        found = prompts.valid.clone()
-        self.decode(embedding, prompts, False, pred.logits, pred.iou)
+        first = self.decode_parts(embedding, probs, prototypes, False, pred.logits, pred.iou)
+        found = first.valid.clone()
         for _ in range(self.refine if found.any() else 0):
             # SAM's answer, binarised, becomes the next mask prompt and box (raw SAM logits as a mask prompt
             # make LiteMedSAM drift: measured in docs/benchmarks.md)
-            prompts = self.prompter(self.sam, embedding, (pred.logits > 0).float(), prototypes)
-            self.decode(embedding, prompts, self.refine_multimask, pred.logits, pred.iou)
+            self.decode_parts(
+                embedding, (pred.logits > 0).float(), prototypes, self.refine_multimask, pred.logits, pred.iou
+            )
         return Prediction(pred.logits, pred.iou, found, first)
 
     def box_pass(self, embedding: Embedding, pred: Prediction) -> None:

@@ -32,11 +32,10 @@ class OneShotInferer(Inferer):
         self, model: OneShotModel, key: str, image: np.ndarray, store: EmbeddingStore
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Post-processed (H, W) class indices of one prepared slice, and which classes were found (C,)."""
-        pred = model.predict(key, image, store)
-        label = pred.label()
+        label, found = model.segment(key, image, store)
         if self.postprocessing is not None:
             label = np.asarray(self.postprocessing(torch.from_numpy(label)[None]))[0].astype(np.int64)
-        return label, pred.found
+        return label, found
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]

@@ -32,7 +32,8 @@ def class_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int) ->
 
 
 def summarize(rows: list[dict[str, list[float]]], names: list[str]) -> dict:
-    """Mean over images, then over classes (NaNs ignored), in percent."""
+    """Mean over images, then over classes (NaNs ignored), in percent; ``missed_share``: % of images with mean Dice
+    below 0.1."""
     out: dict = {"per_class": {}, "per_class_iou": {}}
     if not rows:
         return {"dice_mean": math.nan, "iou_mean": math.nan, **out}
@@ -45,4 +46,9 @@ def summarize(rows: list[dict[str, list[float]]], names: list[str]) -> dict:
         out["per_class_iou"][n] = round(float(i), 2)
     out["dice_mean"] = round(float(np.nanmean(d_cls)), 2)
     out["iou_mean"] = round(float(np.nanmean(i_cls)), 2)
+    with np.errstate(all="ignore"):
+        per_image = np.nanmean(dice, 1)
+    scored = per_image[~np.isnan(per_image)]
+    # an image is missed when its mean Dice over the classes it has is below 0.1
+    out["missed_share"] = round(float((scored < 0.1).mean() * 100), 2) if scored.size else math.nan
     return out

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from bundle.layout import Layout, keep_parts
 from bundle.prediction import Prediction
 from bundle.sources.base import Cohort, Source, load_source, save_source
 from bundle.store import EmbeddingStore, Reference
@@ -56,6 +57,11 @@ class OneShotModel:
         self.groups = groups
         self.class_values, self.class_names = [int(v) for v in class_values], [str(n) for n in class_names]
         self.preparation = dict(preparation or {})
+        self.layouts = [Layout.of(g.reference.label, len(g.classes)) for g in groups]
+        self.parts = [1] * self.num_classes
+        for group, layout in zip(groups, self.layouts):
+            for c, k in zip(group.classes, layout.parts):
+                self.parts[c] = k
 
     @property
     def num_classes(self) -> int:
@@ -80,19 +86,27 @@ class OneShotModel:
         return cls(groups, class_values, class_names, preparation)
 
     def predict(self, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        """All classes' logits (C, H, W) for one prepared (H, W[, 3]) image; ``key`` names it in ``store``."""
+        """All classes' logits (C, H, W) for one prepared (H, W[, 3]) image; ``key`` names it in ``store``. Where a
+        reference has a class inside another, the inner class's mask wins over the outer's (``Layout.nest``)."""
         if len(self.groups) == 1 and self.groups[0].classes == list(range(self.num_classes)):
             group = self.groups[0]
-            return group.source.predict(group.state, key, image, store)
+            pred = group.source.predict(group.state, key, image, store)
+            return Prediction(self.layouts[0].nest(pred.logits), pred.iou, pred.found, pred.prompts)
         out = Prediction.empty(self.num_classes, tuple(image.shape[:2]))
-        for group in self.groups:
+        for group, layout in zip(self.groups, self.layouts):
             pred = group.source.predict(group.state, key, image, store)
             out.logits[group.classes], out.iou[group.classes], out.found[group.classes] = (
-                pred.logits,
+                layout.nest(pred.logits),
                 pred.iou,
                 pred.found,
             )
         return out
+
+    def segment(self, key: str, image: np.ndarray, store: EmbeddingStore) -> tuple[np.ndarray, torch.Tensor]:
+        """(H, W) class indices (0 = background) of one prepared image, each class with as many separate parts as its
+        reference (the largest ones), and which classes (C,) a prompt was found for."""
+        pred = self.predict(key, image, store)
+        return keep_parts(pred.label(), self.parts, self.layouts[0].min_share), pred.found
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """Per class name, the fused source's choice and measurements (empty for other sources)."""

@@ -1,12 +1,16 @@
 """Benchmark the bundle against classical single-atlas label propagation (elastix, ANTs SyN) on the same images.
 
     python scripts/benchmark.py --dataset_dir ../shared/data/{jsrt,hc18,ph2} --num_images 40
-        [--methods bundle elastix ants] [--strategies warp match persam registration]
+        [--split tuning|confirmation] [--methods bundle elastix ants] [--strategies warp match persam registration]
         [--set key=value ...] [--variant name:key=value,...] [--markdown docs/benchmarks.md]
+    python scripts/benchmark.py --dataset_dir ... --references 0 10 20 30 40   # spread over five references
 
-Reference = first labelled case by sorted image name; the next ``num_images`` cases are the test set. Prints one
-table (method, Dice per class, mean Dice, mean IoU, seconds per image, peak memory) and, with ``--markdown``,
-writes it into that file under a heading for the dataset, with the command that produced it.
+Reference = first case by sorted image name; the tuning split is the next ``num_images`` cases, the confirmation
+split the 80 cases after those (cases 41-120 after the reference). Prints one table (method, Dice per class, mean
+Dice, share of images missed (mean Dice below 0.1), seconds per image, peak memory) and, with ``--markdown``, writes
+it into that file under a heading for the dataset, with the command that produced it. With ``--references``, the
+default config runs once per reference (the case at each index, with the ``num_images`` cases after it) and the
+table gives each mean Dice and their standard deviation.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -33,6 +38,25 @@ from bundle.io import read_image, read_label, to_class_index  # noqa: E402
 from bundle.metrics import class_scores, summarize  # noqa: E402
 from bundle.reference import check_reference  # noqa: E402
 from bundle.transforms import normalize_intensity  # noqa: E402
+
+CONFIRMATION = 80  # cases in the confirmation split, after the tuning split's
+
+
+def split_dir(dataset_dir: str, reference: int, start: int, count: int, out_dir: str) -> str:
+    """A datalist folder with the case at sorted index ``reference`` as the reference and the ``count`` cases from
+    ``start`` after it as targets (absolute paths into ``dataset_dir``); the reference sorts first."""
+    with open(os.path.join(dataset_dir, "dataset.json")) as f:
+        spec = json.load(f)
+    items = [i for i in spec.get("training", []) if isinstance(i, dict) and i.get("label")]
+    items.sort(key=lambda i: os.path.basename(i["image"]))
+    absolute = [{k: os.path.abspath(os.path.join(dataset_dir, v)) for k, v in i.items()} for i in items]
+    chosen = absolute[reference + 1 + start : reference + 1 + start + count]
+    if not chosen:
+        raise ValueError(f"{dataset_dir}: no cases {start}-{start + count} after case {reference}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+        json.dump({"labels": spec.get("labels", {}), "training": [absolute[reference], *chosen]}, f, indent=1)
+    return out_dir
 
 
 def _peak_mb() -> float:
@@ -147,14 +171,14 @@ def _measured(fn, *args) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     classes = list(next(iter(results.values()))["per_class"])
-    head = "| method | " + " | ".join(classes) + " | mean Dice | mean IoU | s / image | peak MB |"
-    lines = [head, "|" + "---|" * (len(classes) + 5)]
+    head = "| method | " + " | ".join(classes) + " | mean Dice | mean IoU | missed % | s / image | peak MB |"
+    lines = [head, "|" + "---|" * (len(classes) + 6)]
     for method, s in results.items():
         per = " | ".join(f"{s['per_class'].get(c, float('nan')):.1f}" for c in classes)
-        peak = s.get("peak_memory_mb")
+        peak, missed = s.get("peak_memory_mb"), s.get("missed_share", math.nan)
         lines.append(
-            f"| {method} | {per} | **{s['dice_mean']:.1f}** | {s['iou_mean']:.1f} | {s['seconds_per_image']:.2f} | "
-            + (f"{peak:.0f} |" if peak else "- |")
+            f"| {method} | {per} | **{s['dice_mean']:.1f}** | {s['iou_mean']:.1f} | {missed:.1f} | "
+            f"{s['seconds_per_image']:.2f} | " + (f"{peak:.0f} |" if peak else "- |")
         )
     return "\n".join(lines)
 
@@ -174,7 +198,20 @@ def write_markdown(path: str, dataset: str, command: str, text: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", nargs="+", required=True, help="one or more dataset folders")
-    p.add_argument("--num_images", type=int, default=40)
+    p.add_argument("--num_images", type=int, default=40, help="cases in the tuning split")
+    p.add_argument(
+        "--split",
+        default="tuning",
+        choices=["tuning", "confirmation"],
+        help=f"tuning: the num_images cases after the reference; confirmation: the {CONFIRMATION} after those",
+    )
+    p.add_argument(
+        "--references",
+        type=int,
+        nargs="*",
+        default=None,
+        help="sorted case indices: the default config once per reference, with the num_images cases after it",
+    )
     p.add_argument("--methods", nargs="*", default=["bundle", "elastix", "ants"], choices=["bundle", "elastix", "ants"])
     p.add_argument(
         "--strategies",
@@ -204,15 +241,45 @@ def main(argv: list[str] | None = None) -> dict:
     for dataset_dir in args.dataset_dir:
         dataset = os.path.basename(os.path.normpath(dataset_dir))
         out = os.path.join(out_root, dataset)
-        results = run_dataset(dataset_dir, args.num_images, args.methods, overrides, variants, out)
+        if args.references:
+            results = run_spread(dataset_dir, args.references, args.num_images, overrides, out)
+            text, note = spread_table(results), f"({args.num_images} test images after each reference; 2-core CPU)"
+        else:
+            start, count = (0, args.num_images) if args.split == "tuning" else (args.num_images, CONFIRMATION)
+            data = split_dir(dataset_dir, 0, start, count, os.path.join(out, "datalist"))
+            results = run_dataset(data, 0, args.methods, overrides, variants, out)
+            text, note = table(results), f"({args.split} split: cases {start + 1}-{start + count} after the reference"
+            note += "; 2-core CPU)"
         if args.markdown:
             title = args.title or dataset
             if args.title and len(args.dataset_dir) > 1:
                 title = f"{args.title} ({dataset})"
-            note = f"\n\n({args.num_images} test images; 2-core CPU)"
-            write_markdown(args.markdown, title, command, table(results) + note)
+            write_markdown(args.markdown, title, command, text + "\n\n" + note)
         everything[dataset] = results
     return everything
+
+
+def run_spread(dataset_dir: str, references: list[int], num_images: int, overrides: dict, out_root: str) -> dict:
+    """The default config once per reference index (with the ``num_images`` cases after it)."""
+    results = {}
+    for r in references:
+        data = split_dir(dataset_dir, r, 0, num_images, os.path.join(out_root, f"reference_{r}", "datalist"))
+        out = os.path.join(out_root, f"reference_{r}", "bundle")
+        results[f"reference {r + 1}"] = _isolated(run_bundle, data, 0, {"progress": False, **overrides}, out)
+        print(spread_table(results), flush=True)
+    return results
+
+
+def spread_table(results: dict[str, dict]) -> str:
+    """Mean Dice and missed share per reference, then the mean and standard deviation of the mean Dice."""
+    lines = ["| reference | mean Dice | missed % |", "|---|---|---|"]
+    for name, s in results.items():
+        lines.append(f"| {name} | {s['dice_mean']:.1f} | {s.get('missed_share', math.nan):.1f} |")
+    means = np.array([s["dice_mean"] for s in results.values()])
+    lines.append(
+        f"| **mean +- std** | **{means.mean():.1f} +- {means.std(ddof=1) if len(means) > 1 else 0.0:.1f}** | |"
+    )
+    return "\n".join(lines)
 
 
 def run_dataset(dataset_dir: str, num_images: int, methods, overrides: dict, variants, out_root: str) -> dict:
