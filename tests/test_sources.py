@@ -12,9 +12,18 @@ from bundle.losses import WarpingLoss
 from bundle.networks import WarpNet
 from bundle.prediction import Prediction, combine
 from bundle.prompts import PromptGenerator
-from bundle.sources import AlignedSource, ClassifierSource, Cohort, FusedSource, MatchSource, PerSamSource, WarpSource
+from bundle.sources import (
+    AlignedSource,
+    ClassifierSource,
+    Cohort,
+    FusedSource,
+    MatchSource,
+    PerSamSource,
+    WarpSource,
+    fused,
+)
 from bundle.sources.aligned import aligned_score
-from bundle.sources.warp import WarpState
+from bundle.sources.warp import WarpState, registered
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import one_hot, reference_augmentation
 from tests.conftest import disk
@@ -230,3 +239,49 @@ def test_store_keeps_embeddings_on_disk_beyond_its_memory_budget(lite_medsam, tm
     monkeypatch.setattr(lite_medsam, "encode", lambda image: pytest.fail("must come from disk"))
     for k, (img, _) in targets:
         assert torch.equal(store.embedding(k, img).features, first[k])
+
+
+def test_fused_serves_a_class_sam_is_unsure_of_with_the_warped_label(lite_medsam, monkeypatch):
+    ref_image, ref_label, targets = _cohort()
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    key, (image, truth) = targets[0]
+    # the locator supports the warped label more than SAM's masks (as on echocardiography)
+    monkeypatch.setattr(fused, "_supports", lambda probs, pred: torch.full((2,), 0.9 if pred.iou.eq(1).all() else 0.1))
+    unsure = _fused(lite_medsam, sam_confidence=1.01)  # above any predicted IoU: SAM is unsure of every class
+    state = unsure.fit(reference, cohort)
+    assert all(d.registration and d.source == "registration" for d in state.decisions), state.decisions
+    assert all(0 < d.sam_iou <= 1 for d in state.decisions)
+    expected = registered(unsure.primary.warped(state.primary, image), image.shape[:2])
+    assert torch.equal(unsure.predict(state, key, image, store).logits, expected.logits)
+    # SAM is kept where it is confident, or where its masks are the better supported
+    for confidence, label_support in ((0.1, 0.9), (1.01, 0.05)):
+        monkeypatch.setattr(
+            fused,
+            "_supports",
+            lambda probs, pred, s=label_support: torch.full((2,), s if pred.iou.eq(1).all() else 0.1),
+        )
+        source = _fused(lite_medsam, sam_confidence=confidence)
+        kept = source.fit(reference, cohort)
+        assert not any(d.registration for d in kept.decisions), (confidence, kept.decisions)
+        assert _dice(source.predict(kept, key, image, store).label() == 1, truth == 1) > 0.8
+
+
+def test_fused_finds_a_structure_twice_or_half_the_reference_size_and_reports_an_absent_one(lite_medsam):
+    size = (128, 160)
+    rng = np.random.default_rng(1)
+
+    def case(centre, radius):
+        label = disk(size, centre, radius).astype(np.int64) if radius else np.zeros(size, np.int64)
+        image = 40 + 10 * rng.standard_normal(size) + label * (150 + 20 * np.sin(np.arange(size[1]) / 2.0))
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case((40, 45), 16)
+    sizes = [((80, 100), 32), ((90, 40), 8), ((40, 120), 30), ((85, 110), 9), ((60, 80), 0)]
+    targets = [(f"t{i}", case(c, r)) for i, (c, r) in enumerate(sizes)]
+    source = _fused(lite_medsam)
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
+    state = source.fit(reference, cohort)
+    preds = [source.predict(state, k, img, store) for k, (img, _) in targets]
+    for (key, (_, truth)), pred in zip(targets[:4], preds[:4]):
+        assert _dice(pred.label() == 1, truth == 1) > 0.8, (key, state.decisions)
+    assert not preds[4].found[0] or not (preds[4].label() == 1).any()

@@ -5,6 +5,8 @@ median correlation of the warped reference with the image around the structure (
 agreement means the anatomy sits where the warp puts it (chest X-rays) and the warp's mask prompt gives SAM the
 better outline; low agreement means the structure moves or changes size (lesions, fetal heads) and the warp lost
 it, unless the warp's own similarity shows it found the structure and the classifier is the one that is wrong.
+Last, where SAM itself is unsure of the chosen source's masks (median predicted IoU over the cohort below
+``sam_confidence``: low-contrast, speckled images such as echocardiography), the warped label itself serves the class.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle.candidates import support
 from bundle.classifier import PatchClassifier
 from bundle.prediction import Prediction, combine, dice
 from bundle.sources.aligned import AlignedSource
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.classifier import ClassifierSource
-from bundle.sources.warp import WarpSource
+from bundle.sources.warp import WarpSource, registered
 from bundle.store import EmbeddingStore, Reference
 
 __all__ = ["Decision", "FusedSource", "FusedState"]
@@ -37,6 +40,8 @@ class Decision:
     source: str
     agreement: float
     warp_similarity: float | None = None
+    sam_iou: float | None = None  # median SAM-predicted IoU of the chosen source's masks over the cohort
+    registration: bool = False  # the warped label itself serves the class (SAM unsure)
 
 
 @dataclass
@@ -50,6 +55,16 @@ class FusedState:
     def use_primary(self) -> torch.Tensor:
         return torch.tensor([d.primary for d in self.decisions])
 
+    @property
+    def use_registration(self) -> torch.Tensor:
+        return torch.tensor([d.registration for d in self.decisions])
+
+
+def _supports(probs: torch.Tensor, pred: Prediction) -> torch.Tensor:
+    """``support`` of each class's mask of ``pred`` by (C + 1, H, W) class probabilities: (C,)."""
+    masks = pred.masks()
+    return torch.tensor([support(probs[c + 1].numpy(), masks[c]) for c in range(len(masks))])
+
 
 @register("fused")
 class FusedSource(Source):
@@ -61,6 +76,12 @@ class FusedSource(Source):
         fallback: where the warp lost a class (e.g. ``AlignedSource``); None: the locator's own prediction.
         agreement: a class keeps the warp when the median warp-vs-classifier Dice reaches this...
         warp_similarity: ... or when the median ``WarpSource.similarity`` reaches this (None: not used).
+        sam_confidence: a class whose chosen source's masks have a median SAM-predicted IoU below this over the
+            cohort (at most ``confidence_sample`` images) is served by the warped label itself (None: never).
+        confidence_sample: images the fallback's predicted IoU is measured on.
+        absent_margin / absent_support: in one image, a class whose SAM mask is predicted ``absent_margin`` below the
+            class's median IoU and that the locator does not support (``support`` below ``absent_support``) is
+            reported not found instead of returning a doubtful mask (None: never).
     """
 
     kind = "fused"
@@ -72,9 +93,15 @@ class FusedSource(Source):
         fallback: AlignedSource | None = None,
         agreement: float = 0.73,
         warp_similarity: float | None = 0.7,
+        sam_confidence: float | None = 0.8,
+        confidence_sample: int = 16,
+        absent_margin: float | None = 0.1,
+        absent_support: float = 0.3,
     ):
         self.primary, self.locator, self.fallback = primary, locator, fallback
         self.agreement, self.warp_similarity = float(agreement), warp_similarity
+        self.sam_confidence, self.confidence_sample = sam_confidence, int(confidence_sample)
+        self.absent_margin, self.absent_support = absent_margin, float(absent_support)
 
     def decide(
         self, warped: list[Prediction], located: list[Prediction], similarity: torch.Tensor | None
@@ -100,26 +127,91 @@ class FusedSource(Source):
         locator = self.locator.fit(reference, cohort)
         located = [self.locator.predict(locator, k, img, store) for k, img in cohort.bar(cohort.items, "classifier")]
         decisions = self.decide(warped, located, similarity)
-        logger.info("fused source, per class: %s", [asdict(d) for d in decisions])
         lost = torch.tensor([not d.primary for d in decisions])
         fallback = None
         if self.fallback is not None and lost.any():
             fallback = self.fallback.fit(reference, cohort, lost, locator=locator)
-        return FusedState(decisions, primary, locator, fallback)
+        state = FusedState(decisions, primary, locator, fallback)
+        if self.sam_confidence is not None:
+            state.decisions = self.confident(state, cohort)
+        logger.info("fused source, per class: %s", [asdict(d) for d in state.decisions])
+        return state
+
+    def confident(self, state: FusedState, cohort: Cohort) -> list[Decision]:
+        """The decisions with, per class, the median SAM-predicted IoU of the chosen source's masks over a sample of
+        the cohort, and the warped label itself where that is below ``sam_confidence`` and the locator supports the
+        warped label at least as much as SAM's masks (median ``support``)."""
+        step = max(1, len(cohort.items) // self.confidence_sample)
+        iou, sam_support, label_support = [], [], []
+        for key, image in cohort.items[::step][: self.confidence_sample]:
+            pred = self._sam(state, key, image, cohort.store)
+            itself = registered(self.primary.warped(state.primary, image), image.shape[:2])
+            probs = self._located(state, key, image, cohort.store)
+            iou.append(pred.iou)
+            sam_support.append(_supports(probs, pred))
+            label_support.append(_supports(probs, itself))
+        iou, sam_support, label_support = torch.stack(iou), torch.stack(sam_support), torch.stack(label_support)
+        decisions = []
+        for c, d in enumerate(state.decisions):
+            median = round(float(iou[:, c].median()), 3)
+            unsure = median < self.sam_confidence and label_support[:, c].median() >= sam_support[:, c].median()
+            source = "registration" if unsure else d.source
+            decisions.append(Decision(d.primary, source, d.agreement, d.warp_similarity, median, bool(unsure)))
+        return decisions
+
+    def _located(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> torch.Tensor:
+        """The locator's class probabilities (C + 1, H, W) for one image."""
+        return PatchClassifier.upsample(self.locator.grid(state.locator, key, image, store), image.shape[:2])
+
+    def _sam(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        """Per class, the SAM masks of the chosen source (the warp's or the other's)."""
+        use = state.use_primary
+        warped = self.primary.predict(state.primary, key, image, store) if use.any() else None
+        if use.all():
+            return warped
+        other = self._other(state, key, image, store)
+        return other if warped is None else combine(use, warped, other)
+
+    def _other(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        if state.fallback is not None:
+            return self.fallback.predict(state.fallback, key, image, store)
+        return self.locator.predict(state.locator, key, image, store)
 
     def decisions(self, state: FusedState) -> list[Decision]:
         return state.decisions
 
     def predict(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        use = state.use_primary
-        warped = self.primary.predict(state.primary, key, image, store) if use.any() else None
-        if use.all():
-            return warped
-        if state.fallback is not None:
-            other = self.fallback.predict(state.fallback, key, image, store)
-        else:
-            other = self.locator.predict(state.locator, key, image, store)
-        return other if warped is None else combine(use, warped, other)
+        use, label = state.use_primary, state.use_registration
+        sam = ~label
+        soft = self.primary.warped(state.primary, image) if (use | label).any() else None
+        warped = None
+        if (use & sam).any():
+            warped = self.primary.from_warped(soft, key, image, store, state.primary.prototypes)
+        if (~use & sam).any():
+            other = self._other(state, key, image, store)
+            warped = other if warped is None else combine(use, warped, other)
+        if label.any():
+            itself = registered(soft, image.shape[:2])
+            warped = itself if warped is None else combine(label, itself, warped)
+        return self.absent(state, warped, key, image, store)
+
+    def absent(
+        self, state: FusedState, pred: Prediction, key: str, image: np.ndarray, store: EmbeddingStore
+    ) -> Prediction:
+        """``pred`` with the SAM-served classes this image lacks (``absent_margin``) emptied and marked not found."""
+        if self.absent_margin is None:
+            return pred
+        median = torch.tensor([d.sam_iou if d.sam_iou is not None else float("nan") for d in state.decisions])
+        doubtful = (pred.iou < median - self.absent_margin) & ~state.use_registration & pred.found
+        if not doubtful.any():
+            return pred
+        probs = self._located(state, key, image, store)
+        masks = pred.logits > 0
+        logits, found = pred.logits.clone(), pred.found.clone()
+        for c in torch.nonzero(doubtful)[:, 0].tolist():
+            if support(probs[c + 1].numpy(), masks[c].numpy()) < self.absent_support:
+                logits[c], found[c] = -20.0, False
+        return Prediction(logits, pred.iou, found, pred.prompts)
 
     def state_dict(self, state: FusedState) -> dict[str, Any]:
         return {

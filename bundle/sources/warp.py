@@ -22,12 +22,19 @@ from bundle.sources.base import Cohort, Source, register
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import from_working, normalize_intensity, one_hot, to_working
 
-__all__ = ["WarpSource", "WarpState", "working_image"]
+__all__ = ["WarpSource", "WarpState", "registered", "working_image"]
 
 
 def working_image(image: np.ndarray, size: int) -> torch.Tensor:
     """(H, W[, 3]) image -> (1, S, S) grey image in [0, 1] in the warping network's frame."""
     return to_working(torch.from_numpy(normalize_intensity(image))[None], size)
+
+
+def registered(soft: torch.Tensor, size: tuple[int, int]) -> Prediction:
+    """The warped label itself as a prediction at ``size`` from its soft one-hot (K, S, S) in the working frame
+    (logits of the warped probabilities; predicted IoU 1)."""
+    probs = from_working(soft, size)[1:].clamp(0, 1)
+    return Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(probs.shape[0]))
 
 
 @dataclass
@@ -127,10 +134,13 @@ class WarpSource(Source):
         """A copy of the trainer's network as it is now, with the reference it carries."""
         return WarpState(copy.deepcopy(self.trainer.network).eval(), moving, moving_label, prototypes)
 
-    def predict(self, state: WarpState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+    def warped(self, state: WarpState, image: np.ndarray) -> torch.Tensor:
+        """The reference label warped onto an image: soft one-hot (K, S, S) in the working frame."""
         fixed = working_image(image, self.working_size)[None]
-        soft = state.warp(state.moving_label, state.fields(fixed))[0].cpu()
-        return self.from_warped(soft, key, image, store, state.prototypes)
+        return state.warp(state.moving_label, state.fields(fixed))[0].cpu()
+
+    def predict(self, state: WarpState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        return self.from_warped(self.warped(state, image), key, image, store, state.prototypes)
 
     def from_warped(
         self,
@@ -141,9 +151,9 @@ class WarpSource(Source):
         prototypes: torch.Tensor | None = None,
     ) -> Prediction:
         """Prediction from a warped soft label (K, S, S) in the working frame: SAM on its prompts, or itself."""
-        probs = from_working(soft, image.shape[:2])[1:].clamp(0, 1)
         if self.decoder is None:
-            return Prediction(torch.logit(probs.clamp(1e-4, 1 - 1e-4)), torch.ones(probs.shape[0]))
+            return registered(soft, image.shape[:2])
+        probs = from_working(soft, image.shape[:2])[1:].clamp(0, 1)
         return self.decoder.segment(store.embedding(key, image), probs, prototypes)
 
     @torch.no_grad()
