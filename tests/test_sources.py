@@ -278,7 +278,7 @@ def test_fused_finds_a_structure_twice_or_half_the_reference_size_and_reports_an
     ref_image, ref_label = case((40, 45), 16)
     sizes = [((80, 100), 32), ((90, 40), 8), ((40, 120), 30), ((85, 110), 9), ((60, 80), 0)]
     targets = [(f"t{i}", case(c, r)) for i, (c, r) in enumerate(sizes)]
-    source = _fused(lite_medsam)
+    source = _fused(lite_medsam, absent_margin=0.1)
     reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
     state = source.fit(reference, cohort)
     preds = [source.predict(state, k, img, store) for k, (img, _) in targets]

@@ -81,7 +81,8 @@ class FusedSource(Source):
         confidence_sample: images the fallback's predicted IoU is measured on.
         absent_margin / absent_support: in one image, a class whose SAM mask is predicted ``absent_margin`` below the
             class's median IoU and that the locator does not support (``support`` below ``absent_support``) is
-            reported not found instead of returning a doubtful mask (None: never).
+            reported not found instead of returning a doubtful mask (None: never; off by default: on JSRT it dropped
+            a correct lung).
     """
 
     kind = "fused"
@@ -95,7 +96,7 @@ class FusedSource(Source):
         warp_similarity: float | None = 0.7,
         sam_confidence: float | None = 0.8,
         confidence_sample: int = 16,
-        absent_margin: float | None = 0.1,
+        absent_margin: float | None = None,
         absent_support: float = 0.3,
     ):
         self.primary, self.locator, self.fallback = primary, locator, fallback
