@@ -97,10 +97,6 @@ class Layout:
                 out[b] = torch.where(logits[a] > 0, torch.minimum(out[b], torch.full_like(out[b], -20.0)), out[b])
         return out
 
-    def keep(self, label: np.ndarray) -> np.ndarray:
-        """(H, W) class indices with each class's parts as many as the reference has."""
-        return keep_parts(label, self.parts, self.min_share)
-
 
 class FillBackgroundHoles(Transform):
     """(1, H, W) class indices with each background hole enclosed by one class filled with that class. Unlike MONAI's
