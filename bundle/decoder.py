@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -65,24 +65,26 @@ class SamDecoder:
             settings.get("max_parts", 1),
         )
 
-    def split(self, probs: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def split(self, probs: torch.Tensor, parts: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """(P, H, W) probabilities, one row per separate part of each class of (C, H, W) ``probs`` (each pixel to its
-        nearest part), and the class of each row; a class in one part keeps its row unchanged."""
+        nearest part), and the class of each row; a class in one part keeps its row unchanged. ``parts`` (C,): at
+        most this many parts per class (its reference's count: a one-part class is never split); None: ``max_parts``."""
         rows, owner = [], []
         for c, p in enumerate(probs):
-            parts = []
-            if self.part_share > 0:
-                parts = components((p > self.prompter.threshold).numpy(), self.part_share)[: self.max_parts]
-            if len(parts) <= 1:
+            limit = self.max_parts if parts is None else min(int(parts[c]), self.max_parts)
+            found = []
+            if self.part_share > 0 and limit > 1:
+                found = components((p > self.prompter.threshold).numpy(), self.part_share)[:limit]
+            if len(found) <= 1:
                 rows.append(p)
                 owner.append(c)
                 continue
             index = np.zeros(p.shape, np.int32)
-            for k, part in enumerate(parts, start=1):
+            for k, part in enumerate(found, start=1):
                 index[part] = k
             nearest = ndimage.distance_transform_edt(index == 0, return_distances=False, return_indices=True)
             index = index[nearest[0], nearest[1]]
-            for k in range(1, len(parts) + 1):
+            for k in range(1, len(found) + 1):
                 rows.append(p * torch.from_numpy(index == k).to(p))
                 owner.append(c)
         return torch.stack(rows), owner
@@ -107,12 +109,13 @@ class SamDecoder:
         multimask: bool,
         logits: torch.Tensor,
         iou: torch.Tensor,
+        parts: Sequence[int] | None = None,
     ) -> Prompts:
         """``decode`` on prompts from (C, H, W) probabilities, one prompt set per part of each class (``split``);
         a class's parts are united (highest logit) and their predicted IoUs averaged. Returns the class-level
         prompts (one row per class, for pictures and ``found``)."""
         whole = self.prompter(self.sam, embedding, probs, prototypes)
-        rows, owner = self.split(probs)
+        rows, owner = self.split(probs, parts)
         if len(owner) == probs.shape[0]:
             self.decode(embedding, whole, multimask, logits, iou)
             return whole
@@ -129,16 +132,23 @@ class SamDecoder:
         return whole
 
     @torch.no_grad()
-    def segment(self, embedding: Embedding, probs: torch.Tensor, prototypes: torch.Tensor | None = None) -> Prediction:
-        """SAM on prompts from (C, H, W) probabilities, then ``refine`` passes; classes without a mask stay empty."""
+    def segment(
+        self,
+        embedding: Embedding,
+        probs: torch.Tensor,
+        prototypes: torch.Tensor | None = None,
+        parts: Sequence[int] | None = None,
+    ) -> Prediction:
+        """SAM on prompts from (C, H, W) probabilities, then ``refine`` passes; classes without a mask stay empty.
+        ``parts`` (C,): the most separate parts each class is prompted as (``split``)."""
         pred = Prediction.empty(probs.shape[0], embedding.original_size)
-        first = self.decode_parts(embedding, probs, prototypes, False, pred.logits, pred.iou)
+        first = self.decode_parts(embedding, probs, prototypes, False, pred.logits, pred.iou, parts)
         found = first.valid.clone()
         for _ in range(self.refine if found.any() else 0):
             # SAM's answer, binarised, becomes the next mask prompt and box (raw SAM logits as a mask prompt
             # make LiteMedSAM drift: measured in docs/benchmarks.md)
             self.decode_parts(
-                embedding, (pred.logits > 0).float(), prototypes, self.refine_multimask, pred.logits, pred.iou
+                embedding, (pred.logits > 0).float(), prototypes, self.refine_multimask, pred.logits, pred.iou, parts
             )
         return Prediction(pred.logits, pred.iou, found, first)
 

@@ -14,7 +14,7 @@ import torch
 from monai.transforms import Transform
 from scipy import ndimage
 
-__all__ = ["FillBackgroundHoles", "Layout", "components", "enclosing_share", "keep_parts"]
+__all__ = ["FillBackgroundHoles", "Layout", "components", "enclosing_share", "keep_parts", "part_counts"]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -28,6 +28,11 @@ def components(mask: np.ndarray, min_share: float) -> list[np.ndarray]:
     areas = np.bincount(lab.ravel())[1:]
     order = np.argsort(-areas, kind="stable")
     return [lab == i + 1 for i in order if areas[i] >= min_share * areas[order[0]]]
+
+
+def part_counts(label: np.ndarray, num_classes: int, min_share: float = 0.1) -> list[int]:
+    """Per class 1..C of a (H, W) class-index label, its separate parts (``components``), at least 1."""
+    return [max(len(components(label == c + 1, min_share)), 1) for c in range(num_classes)]
 
 
 def keep_parts(label: np.ndarray, parts: list[int], min_share: float) -> np.ndarray:
@@ -80,7 +85,7 @@ class Layout:
     @classmethod
     def of(cls, label: np.ndarray, num_classes: int, min_share: float = 0.1, enclosure: float = 0.6) -> "Layout":
         """The layout of a (H, W) class-index reference label (0 = background, 1..C)."""
-        parts = [max(len(components(label == c + 1, min_share)), 1) for c in range(num_classes)]
+        parts = part_counts(label, num_classes, min_share)
         surrounds: list[list[int]] = [[] for _ in range(num_classes)]
         for a in range(num_classes):
             share = enclosing_share(label, a + 1, num_classes)

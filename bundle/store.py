@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bundle.features import sam_patch_features
+from bundle.layout import part_counts
 from bundle.sam import Embedding, SamBackend
 from bundle.transforms import one_hot
 
@@ -51,6 +52,11 @@ class Reference:
     def onehot(self) -> torch.Tensor:
         """(C + 1, H, W) one-hot label, background first."""
         return one_hot(torch.from_numpy(self.label), self.num_classes)
+
+    @property
+    def parts(self) -> list[int]:
+        """Per class, its separate parts in the label (both lungs as one class: 2)."""
+        return part_counts(self.label, self.num_classes)
 
 
 class EmbeddingStore:

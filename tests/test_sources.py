@@ -266,6 +266,28 @@ def test_fused_serves_a_class_sam_is_unsure_of_with_the_warped_label(lite_medsam
         assert _dice(source.predict(kept, key, image, store).label() == 1, truth == 1) > 0.8
 
 
+def test_fused_serves_a_wall_sam_is_unsure_of_with_the_warped_label_even_where_sam_is_better_supported(
+    lite_medsam, monkeypatch
+):
+    size = (72, 96)
+
+    def case(shift):
+        label = np.zeros(size, np.int64)
+        label[disk(size, (36 + shift, 44 + shift), 20)] = 2  # the wall ...
+        label[disk(size, (36 + shift, 44 + shift), 11)] = 1  # ... around its cavity
+        image = np.choose(label, [40.0, 90.0, 200.0])
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case(0)
+    targets = [(f"t{i}", case(s)) for i, s in enumerate((2, 4, 5))]
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    # the locator supports SAM's masks more than the warped label for every class
+    monkeypatch.setattr(fused, "_supports", lambda probs, pred: torch.full((2,), 0.1 if pred.iou.eq(1).all() else 0.9))
+    state = _fused(lite_medsam, sam_confidence=1.01).fit(reference, cohort)
+    assert [d.registration for d in state.decisions] == [False, True], state.decisions
+    assert state.decisions[1].source == "registration" and state.decisions[0].source != "registration"
+
+
 def test_fused_finds_a_structure_twice_or_half_the_reference_size_and_reports_an_absent_one(lite_medsam):
     size = (128, 160)
     rng = np.random.default_rng(1)

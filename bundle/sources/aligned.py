@@ -154,7 +154,8 @@ class AlignedSource(Source):
             start = time.time()
             trainer.fit()
             cohort.store.clock.add("aligned_warp_training_s", start)
-        return AlignedState(self.warper.trained_state(moving, moving_label), locator, classes, reference.label)
+        warp = self.warper.trained_state(moving, moving_label, parts=reference.parts)
+        return AlignedState(warp, locator, classes, reference.label)
 
     def predict(self, state: AlignedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         candidates = (
@@ -172,7 +173,7 @@ class AlignedSource(Source):
         best, best_score = None, -1.0
         for soft, (frame, ref) in zip(softs, candidates):
             probs = from_reference(from_working(soft, shape)[1:], frame, ref, embedding.original_size)
-            pred = self.decoder.segment(embedding, probs.clamp(0, 1))
+            pred = self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts)
             score = aligned_score(pred, state.classes, gradient)
             if score > best_score:
                 best, best_score = pred, score

@@ -6,7 +6,9 @@ agreement means the anatomy sits where the warp puts it (chest X-rays) and the w
 better outline; low agreement means the structure moves or changes size (lesions, fetal heads) and the warp lost
 it, unless the warp's own similarity shows it found the structure and the classifier is the one that is wrong.
 Last, where SAM itself is unsure of the chosen source's masks (median predicted IoU over the cohort below
-``sam_confidence``: low-contrast, speckled images such as echocardiography), the warped label itself serves the class.
+``sam_confidence``: low-contrast, speckled images such as echocardiography), the warped label itself serves the class
+when the locator supports it at least as much, or when the class is a wall around another in the reference (SAM
+outlines filled regions, not rings).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from bundle.candidates import support
 from bundle.classifier import PatchClassifier
+from bundle.layout import Layout
 from bundle.prediction import Prediction, combine, dice
 from bundle.sources.aligned import AlignedSource
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
@@ -134,14 +137,17 @@ class FusedSource(Source):
             fallback = self.fallback.fit(reference, cohort, lost, locator=locator)
         state = FusedState(decisions, primary, locator, fallback)
         if self.sam_confidence is not None:
-            state.decisions = self.confident(state, cohort)
+            walls = [bool(inner) for inner in Layout.of(reference.label, reference.num_classes).surrounds]
+            state.decisions = self.confident(state, cohort, walls)
         logger.info("fused source, per class: %s", [asdict(d) for d in state.decisions])
         return state
 
-    def confident(self, state: FusedState, cohort: Cohort) -> list[Decision]:
+    def confident(self, state: FusedState, cohort: Cohort, walls: list[bool] | None = None) -> list[Decision]:
         """The decisions with, per class, the median SAM-predicted IoU of the chosen source's masks over a sample of
-        the cohort, and the warped label itself where that is below ``sam_confidence`` and the locator supports the
-        warped label at least as much as SAM's masks (median ``support``)."""
+        the cohort, and the warped label itself where that is below ``sam_confidence`` and either the locator supports
+        the warped label at least as much as SAM's masks (median ``support``) or the class is a wall (``walls`` (C,):
+        it encloses another class in the reference)."""
+        walls = walls or [False] * len(state.decisions)
         step = max(1, len(cohort.items) // self.confidence_sample)
         iou, sam_support, label_support = [], [], []
         for key, image in cohort.items[::step][: self.confidence_sample]:
@@ -155,7 +161,8 @@ class FusedSource(Source):
         decisions = []
         for c, d in enumerate(state.decisions):
             median = round(float(iou[:, c].median()), 3)
-            unsure = median < self.sam_confidence and label_support[:, c].median() >= sam_support[:, c].median()
+            supported = bool(label_support[:, c].median() >= sam_support[:, c].median())
+            unsure = median < self.sam_confidence and (supported or walls[c])
             source = "registration" if unsure else d.source
             decisions.append(Decision(d.primary, source, d.agreement, d.warp_similarity, median, bool(unsure)))
         return decisions
@@ -187,7 +194,7 @@ class FusedSource(Source):
         soft = self.primary.warped(state.primary, image) if (use | label).any() else None
         warped = None
         if (use & sam).any():
-            warped = self.primary.from_warped(soft, key, image, store, state.primary.prototypes)
+            warped = self.primary.from_warped(soft, key, image, store, state.primary.prototypes, state.primary.parts)
         if (~use & sam).any():
             other = self._other(state, key, image, store)
             warped = other if warped is None else combine(use, warped, other)

@@ -45,6 +45,7 @@ class WarpState:
     moving: torch.Tensor
     moving_label: torch.Tensor
     prototypes: torch.Tensor | None = None  # (C, D) class prototypes for point prompts
+    parts: list[int] | None = None  # (C,) separate parts of each class in the reference
 
     @torch.no_grad()
     def fields(self, fixed: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class WarpSource(Source):
             self.trainer.fit()
             cohort.store.clock.add("warp_training_s", start)
             first = 0
-        state = self.trained_state(moving, moving_label, prototypes)
+        state = self.trained_state(moving, moving_label, prototypes, reference.parts)
         for r in range(first, self.rounds if self.decoder is not None else 0):
             start = time.time()
             predictions = [
@@ -125,14 +126,18 @@ class WarpSource(Source):
             self.trainer.set_pseudo_labels(labels, weights)
             self.trainer.fit()
             cohort.store.clock.add("warp_training_s", start)
-            state = self.trained_state(moving, moving_label, prototypes)
+            state = self.trained_state(moving, moving_label, prototypes, reference.parts)
         return state
 
     def trained_state(
-        self, moving: torch.Tensor, moving_label: torch.Tensor, prototypes: torch.Tensor | None = None
+        self,
+        moving: torch.Tensor,
+        moving_label: torch.Tensor,
+        prototypes: torch.Tensor | None = None,
+        parts: list[int] | None = None,
     ) -> WarpState:
         """A copy of the trainer's network as it is now, with the reference it carries."""
-        return WarpState(copy.deepcopy(self.trainer.network).eval(), moving, moving_label, prototypes)
+        return WarpState(copy.deepcopy(self.trainer.network).eval(), moving, moving_label, prototypes, parts)
 
     def warped(self, state: WarpState, image: np.ndarray) -> torch.Tensor:
         """The reference label warped onto an image: soft one-hot (K, S, S) in the working frame."""
@@ -140,7 +145,7 @@ class WarpSource(Source):
         return state.warp(state.moving_label, state.fields(fixed))[0].cpu()
 
     def predict(self, state: WarpState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        return self.from_warped(self.warped(state, image), key, image, store, state.prototypes)
+        return self.from_warped(self.warped(state, image), key, image, store, state.prototypes, state.parts)
 
     def from_warped(
         self,
@@ -149,12 +154,13 @@ class WarpSource(Source):
         image: np.ndarray,
         store: EmbeddingStore,
         prototypes: torch.Tensor | None = None,
+        parts: list[int] | None = None,
     ) -> Prediction:
         """Prediction from a warped soft label (K, S, S) in the working frame: SAM on its prompts, or itself."""
         if self.decoder is None:
             return registered(soft, image.shape[:2])
         probs = from_working(soft, image.shape[:2])[1:].clamp(0, 1)
-        return self.decoder.segment(store.embedding(key, image), probs, prototypes)
+        return self.decoder.segment(store.embedding(key, image), probs, prototypes, parts)
 
     @torch.no_grad()
     def similarity(self, state: WarpState, image: np.ndarray) -> torch.Tensor:
@@ -197,4 +203,5 @@ class WarpSource(Source):
         network = WarpNet(**state["network_args"])
         network.load_state_dict(state["network"], strict=True)
         moving, moving_label = source.reference_frame(reference)
-        return source, WarpState(network.to(device).eval(), moving, moving_label, state.get("prototypes"))
+        network = network.to(device).eval()
+        return source, WarpState(network, moving, moving_label, state.get("prototypes"), reference.parts)
