@@ -35,8 +35,9 @@ def output_paths(output_dir: str, target: Target) -> list[str]:
 class OneShotEvaluator(Engine):
     """Segments prepared targets with a fitted model and writes each one's outputs.
 
-    ``engine.state.output`` after each iteration: ``target``, ``label`` (Z, H, W) class indices and ``missing``
-    (class indices no prompt was found for, per slice key). Handlers (``val_handlers``) attach to it.
+    ``engine.state.output`` after each iteration: ``target``, ``label`` (Z, H, W) class indices, ``missing``
+    (class indices no prompt was found for, per slice key) and ``signals`` (the inferer's review signals; empty for a
+    target read back from an earlier run). Handlers (``val_handlers``) attach to it.
 
     Args:
         inferer: applies the model to a target.
@@ -72,15 +73,19 @@ class OneShotEvaluator(Engine):
         paths = output_paths(self.output_dir, target)
         if target.done:
             label = to_class_index(read_label_volume(paths[0], target.volume), model.class_values)
-            return {"target": target, "label": label, "missing": {}}
+            return {"target": target, "label": label, "missing": {}, "signals": {}}
         start = time.time()
-        label, missing = self.inferer(target, model, self.store)
+        label, missing, signals = self.inferer(target, model, self.store)
         self.seconds += time.time() - start
         save_prediction(values[label], paths[0], target.volume)
         if target.dicom_order is not None:
-            sources = read_dicom_datasets(target.case.image_path)[:: target.dicom_order]
-            write_dicom_seg(values[label], sources, dict(zip(model.class_values, model.class_names)), paths[1])
-        return {"target": target, "label": label, "missing": missing}
+            try:
+                sources = read_dicom_datasets(target.case.image_path)[:: target.dicom_order]
+                write_dicom_seg(values[label], sources, dict(zip(model.class_values, model.class_names)), paths[1])
+            except Exception as e:  # noqa: BLE001 - one output that cannot be written never stops the others
+                logger.error("DICOM SEG of %s not written: %s", target.case.id, e)
+                self.errors.append({"id": target.case.id, "image": target.case.image_path, "error": f"SEG: {e}"})
+        return {"target": target, "label": label, "missing": missing, "signals": signals}
 
     def evaluate(
         self, model: OneShotModel, store: EmbeddingStore, targets: list[Target], errors: list[dict] | None = None

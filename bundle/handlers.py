@@ -1,21 +1,24 @@
-"""Handlers of the apply loop (``OneShotEvaluator``): scores and tables, overlays, classes not found."""
+"""Handlers of the apply loop (``OneShotEvaluator``): scores and tables, review flags, overlays, classes not found."""
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
 
+from bundle.evaluator import output_paths
 from bundle.io import read_label_volume, to_class_index
 from bundle.metrics import class_scores
-from bundle.report import write_tables
+from bundle.qc import REVIEW_BELOW, area_fractions, confidence
+from bundle.report import write_qc, write_tables
 from bundle.transforms import resize_label
-from bundle.visualize import montage, overlay, save_overlay
+from bundle.visualize import legend, montage, overlay, save_overlay
 
-__all__ = ["MetricsWriter", "OverlayWriter", "NotFoundCollector"]
+__all__ = ["MetricsWriter", "ReviewFlags", "OverlayWriter", "NotFoundCollector"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +64,138 @@ class MetricsWriter:
         write_tables(self.output_dir, engine.state.rows, engine.errors, engine.model.class_names)
 
 
+class ReviewFlags:
+    """Which targets a person should check (``bundle.qc``): per target and class the serving source, SAM's predicted
+    IoU, the locator's support, whether it was found, its area relative to the reference's, a confidence and
+    ``needs_review``.
+
+    At the end: ``qc.csv`` (least confident targets first), ``engine.state.review`` (target ids, least confident
+    first) and ``engine.state.review_summary`` (how many to review; where labels exist, how many of the targets with
+    mean Dice below 0.5 were flagged and how many flagged ones are below it).
+    """
+
+    def __init__(self, output_dir: str, review_below: float = REVIEW_BELOW):
+        self.output_dir, self.review_below = output_dir, float(review_below)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        self.ids: list[str] = []
+        self.signals: dict[str, list[np.ndarray]] = {"iou": [], "support": [], "area": []}
+
+    def _collect(self, engine: Engine) -> None:
+        out, num_classes = engine.state.output, engine.model.num_classes
+        self.ids.append(out["target"].case.id)
+        for name in ("iou", "support"):
+            values = out["signals"].get(name)
+            with np.errstate(all="ignore"), warnings.catch_warnings():  # a class found on no slice: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.full(num_classes, np.nan) if values is None or not len(values) else np.nanmean(values, 0)
+            self.signals[name].append(mean)
+        self.signals["area"].append(area_fractions(out["label"], num_classes))
+
+    def _write(self, engine: Engine) -> None:
+        model = engine.model
+        sources = model.class_sources()
+        iou, support, area = (
+            np.array(self.signals[k]).reshape(-1, model.num_classes) for k in ("iou", "support", "area")
+        )
+        iou[:, [s == "registration" for s in sources]] = np.nan  # no SAM mask: the warped label itself
+        area = area / np.maximum(model.reference_areas(), 1e-12)
+        found = area > 0
+        conf = confidence(iou, area, found, support)
+        image_conf = conf.min(1) if conf.size else np.zeros(0)
+        order = np.argsort(image_conf, kind="stable")
+        dice = {r["id"]: r["dice"] for r in getattr(engine.state, "rows", [])}
+        rows = []
+        for i in order:
+            for c, name in enumerate(model.class_names):
+                d = dice.get(self.ids[i], [None] * model.num_classes)[c]
+                rows.append(
+                    {
+                        "id": self.ids[i],
+                        "class": name,
+                        "source": sources[c],
+                        "sam_iou": iou[i, c],
+                        "locator_support": support[i, c],
+                        "found": bool(found[i, c]),
+                        "area_vs_reference": area[i, c],
+                        "confidence": conf[i, c],
+                        "needs_review": bool(conf[i, c] < self.review_below),
+                        "dice": d,
+                    }
+                )
+        write_qc(self.output_dir, rows)
+        flagged = image_conf < self.review_below
+        engine.state.review = [self.ids[i] for i in order]
+        engine.state.confidence = {self.ids[i]: float(image_conf[i]) for i in order}
+        engine.state.review_summary = {
+            "num_to_review": int(flagged.sum()),
+            "to_review": [self.ids[i] for i in order if flagged[i]],
+            **_flag_check(self.ids, flagged, dice),
+        }
+        if flagged.any():
+            logger.info("%d of %d images need review (qc.csv, least confident first)", flagged.sum(), len(flagged))
+
+
+def _flag_check(ids: list[str], flagged: np.ndarray, dice: dict[str, list[float]]) -> dict[str, Any]:
+    """Where labels exist: targets with mean Dice below 0.5 (failures), the share of them flagged, and the share of
+    the flagged that are failures (percent; None when there is nothing to divide by)."""
+    scored = [(f, np.nanmean(np.array(dice[i], dtype=float))) for i, f in zip(ids, flagged) if i in dice]
+    scored = [(f, d) for f, d in scored if not np.isnan(d)]
+    if not scored:
+        return {}
+    fail = np.array([d < 0.5 for _, d in scored])
+    flag = np.array([f for f, _ in scored])
+
+    def share(a: np.ndarray, b: np.ndarray) -> float | None:
+        return round(float((a & b).sum() / b.sum() * 100), 1) if b.sum() else None
+
+    return {
+        "num_failures": int(fail.sum()),
+        "failures_flagged": share(flag, fail),
+        "flagged_failing": share(fail, flag),
+        "num_scored": len(scored),
+        "num_flagged_scored": int(flag.sum()),
+    }
+
+
 class OverlayWriter:
-    """Pictures of the first ``num_overlays`` targets (prediction, and truth where known) and a montage of them."""
+    """Pictures of ``num_overlays`` targets, the least confident first where ``ReviewFlags`` ran (else by name):
+    prediction, truth where known, confidence; and a montage of them with a class legend."""
 
     def __init__(self, output_dir: str, num_overlays: int = 8):
         self.output_dir, self.num_overlays = output_dir, int(num_overlays)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._draw)
-        engine.add_event_handler(Events.COMPLETED, self._montage)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep)
+        engine.add_event_handler(Events.COMPLETED, self._draw_all)
 
     def _start(self, engine: Engine) -> None:
-        self.pictures: list[np.ndarray] = []
+        self.targets: dict[str, Any] = {}
 
-    def _draw(self, engine: Engine) -> None:
-        if len(self.pictures) >= self.num_overlays:
-            return
-        out = engine.state.output
-        target, label = out["target"], out["label"]
-        truth = _truth(out, engine.model.class_values)
+    def _keep(self, engine: Engine) -> None:
+        target = engine.state.output["target"]
+        self.targets[target.case.id] = target  # held by the run anyway; labels are read back from disk
+
+    def _draw_all(self, engine: Engine) -> None:
+        order = getattr(engine.state, "review", None) or sorted(self.targets)
+        confidence = getattr(engine.state, "confidence", {})
+        pictures = []
+        for case_id in order[: self.num_overlays]:
+            target = self.targets[case_id]
+            values = engine.model.class_values
+            label = to_class_index(read_label_volume(output_paths(self.output_dir, target)[0], target.volume), values)
+            pictures.append(self._draw(target, label, _truth({"target": target, "label": label}, values), confidence))
+        if pictures:
+            sheet = legend(montage(pictures), engine.model.class_names)
+            save_overlay(os.path.join(self.output_dir, "overlays", "montage.png"), sheet)
+
+    def _draw(self, target: Any, label: np.ndarray, truth: np.ndarray | None, confidence: dict) -> np.ndarray:
         z = int(np.argmax((label > 0).reshape(len(label), -1).sum(1)))
         key = target.keys[z]
         image = target.images[key] if key else np.zeros(label.shape[1:], np.float32)  # at the processing size
@@ -91,13 +206,11 @@ class OverlayWriter:
 
         lab, tru = fit(label[z]), None if truth is None else fit(truth[z])
         title = target.case.id if len(label) == 1 else f"{target.case.id} slice {z}"
+        if target.case.id in confidence:
+            title += f"  conf {confidence[target.case.id]:.2f}"
         picture = overlay(image, lab, tru, title=title)
         save_overlay(os.path.join(self.output_dir, "overlays", f"{target.case.id}.png"), picture)
-        self.pictures.append(picture)
-
-    def _montage(self, engine: Engine) -> None:
-        if self.pictures:
-            save_overlay(os.path.join(self.output_dir, "overlays", "montage.png"), montage(self.pictures))
+        return picture
 
 
 class NotFoundCollector:

@@ -10,6 +10,7 @@ from monai.inferers import Inferer
 
 from bundle.dataset import Target
 from bundle.model import OneShotModel
+from bundle.prediction import Prediction
 from bundle.store import EmbeddingStore
 from bundle.transforms import resize_label
 
@@ -30,25 +31,33 @@ class OneShotInferer(Inferer):
 
     def slice_label(
         self, model: OneShotModel, key: str, image: np.ndarray, store: EmbeddingStore
-    ) -> tuple[np.ndarray, torch.Tensor]:
-        """Post-processed (H, W) class indices of one prepared slice, and which classes were found (C,)."""
-        label, found = model.segment(key, image, store)
+    ) -> tuple[np.ndarray, Prediction]:
+        """Post-processed (H, W) class indices of one prepared slice, and the prediction it was made from."""
+        label, pred = model.segment(key, image, store)
         if self.postprocessing is not None:
             label = np.asarray(self.postprocessing(torch.from_numpy(label)[None]))[0].astype(np.int64)
-        return label, found
+        return label, pred
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self, inputs: Target, network: OneShotModel, store: EmbeddingStore
-    ) -> tuple[np.ndarray, dict[str, list[int]]]:
-        """The label map (Z, H, W) and, per slice key, the indices of classes no prompt was found for."""
+    ) -> tuple[np.ndarray, dict[str, list[int]], dict[str, np.ndarray]]:
+        """The label map (Z, H, W); per slice key, the indices of classes no prompt was found for; and per segmented
+        slice and class (S, C) the review signals ``iou`` (SAM's predicted IoU) and ``support`` (the locator's),
+        NaN where the class was not found or the source gives none."""
         label = np.zeros(inputs.shape, np.int64)
         missing: dict[str, list[int]] = {}
+        signals: dict[str, list[np.ndarray]] = {"iou": [], "support": []}
         for z, key in enumerate(inputs.keys):
             if key is None:
                 continue
-            lab, found = self.slice_label(network, key, inputs.images[key], store)
+            lab, pred = self.slice_label(network, key, inputs.images[key], store)
             label[z] = lab if lab.shape == label.shape[1:] else resize_label(lab, label.shape[1:])
+            found = pred.found.numpy().astype(bool)
+            for name, value in (("iou", pred.iou), ("support", pred.support)):
+                value = np.full(len(found), np.nan) if value is None else value.float().numpy()
+                signals[name].append(np.where(found, value, np.nan))
             if not found.all():
-                missing[key] = np.flatnonzero(~found.numpy()).tolist()
-        return label, missing
+                missing[key] = np.flatnonzero(~found).tolist()
+        shape = (-1, network.num_classes)
+        return label, missing, {k: np.array(v, dtype=float).reshape(shape) for k, v in signals.items()}

@@ -91,8 +91,9 @@ class OneShotModel:
         if len(self.groups) == 1 and self.groups[0].classes == list(range(self.num_classes)):
             group = self.groups[0]
             pred = group.source.predict(group.state, key, image, store)
-            return Prediction(self.layouts[0].nest(pred.logits), pred.iou, pred.found, pred.prompts)
+            return Prediction(self.layouts[0].nest(pred.logits), pred.iou, pred.found, pred.prompts, pred.support)
         out = Prediction.empty(self.num_classes, tuple(image.shape[:2]))
+        out.support = torch.full((self.num_classes,), float("nan"))
         for group, layout in zip(self.groups, self.layouts):
             pred = group.source.predict(group.state, key, image, store)
             out.logits[group.classes], out.iou[group.classes], out.found[group.classes] = (
@@ -100,13 +101,32 @@ class OneShotModel:
                 pred.iou,
                 pred.found,
             )
+            if pred.support is not None:
+                out.support[group.classes] = pred.support.float()
         return out
 
-    def segment(self, key: str, image: np.ndarray, store: EmbeddingStore) -> tuple[np.ndarray, torch.Tensor]:
+    def segment(self, key: str, image: np.ndarray, store: EmbeddingStore) -> tuple[np.ndarray, Prediction]:
         """(H, W) class indices (0 = background) of one prepared image, each class with as many separate parts as its
-        reference (the largest ones), and which classes (C,) a prompt was found for."""
+        reference (the largest ones), and the prediction it was made from (``found``, SAM's ``iou`` per class)."""
         pred = self.predict(key, image, store)
-        return keep_parts(pred.label(), self.parts, self.layouts[0].min_share), pred.found
+        return keep_parts(pred.label(), self.parts, self.layouts[0].min_share), pred
+
+    def class_sources(self) -> list[str]:
+        """Per class, the name of the source that serves it (the fused choice, else the source's kind)."""
+        out = [""] * self.num_classes
+        for group in self.groups:
+            decisions = group.source.decisions(group.state)
+            for i, c in enumerate(group.classes):
+                out[c] = decisions[i].source if decisions else group.source.kind
+        return out
+
+    def reference_areas(self) -> np.ndarray:
+        """Per class, the share of its reference slice it covers: (C,)."""
+        out = np.zeros(self.num_classes)
+        for group in self.groups:
+            for i, c in enumerate(group.classes):
+                out[c] = float((group.reference.label == i + 1).mean())
+        return out
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """Per class name, the fused source's choice and measurements (empty for other sources)."""

@@ -23,6 +23,7 @@ class Prediction:
     iou: torch.Tensor
     found: torch.Tensor = field(default=None)  # type: ignore[assignment]
     prompts: Prompts | None = None  # the first-pass prompts, kept for pictures
+    support: torch.Tensor | None = None  # (C,) how much the locator backs each class's mask (``candidates.support``)
 
     def __post_init__(self):
         if self.found is None:

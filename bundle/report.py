@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["write_tables", "write_json"]
+__all__ = ["write_tables", "write_qc", "write_json"]
 
 
 def _fmt(v: float | None) -> str:
@@ -30,6 +30,17 @@ def write_tables(output_dir: str, rows: list[dict], errors: list[dict[str, str]]
             writer.writerows(errors)
     elif os.path.exists(errors_csv):  # left by an earlier run of this output directory
         os.remove(errors_csv)
+
+
+def write_qc(output_dir: str, rows: list[dict[str, Any]]) -> None:
+    """``qc.csv``: per target and class, the review signals (``bundle.handlers.ReviewFlags``), in the rows' order."""
+    fields = ["id", "class", "source", "sam_iou", "locator_support", "found", "area_vs_reference", "confidence"]
+    fields += ["needs_review", "dice"]
+    with open(os.path.join(output_dir, "qc.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()})
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["overlay", "draw_prompts", "save_overlay", "montage"]
+__all__ = ["overlay", "draw_prompts", "save_overlay", "montage", "legend", "colour"]
 
 # distinct colours (RGB) for up to 8 classes; cycled beyond
 _COLOURS = [
@@ -20,6 +20,11 @@ _COLOURS = [
     (240, 50, 230),
     (210, 245, 60),
 ]
+
+
+def colour(c: int) -> tuple[int, int, int]:
+    """RGB colour of class index ``c`` (1-based)."""
+    return _COLOURS[(c - 1) % len(_COLOURS)]
 
 
 def _to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -42,11 +47,11 @@ def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None 
     for c in classes:
         if c == 0:
             continue
-        colour = _COLOURS[(c - 1) % len(_COLOURS)]
+        rgb = colour(c)
         mask = (prediction == c).astype(np.uint8)
-        fill[mask > 0] = colour
+        fill[mask > 0] = rgb
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, colour, thick)
+        cv2.drawContours(out, contours, -1, rgb, thick)
     out = cv2.addWeighted(fill, 0.25, out, 0.75, 0)
     if truth is not None:
         for c in classes:
@@ -86,8 +91,8 @@ def draw_prompts(
                 if lab < 0:
                     continue
                 marker = cv2.MARKER_CROSS if lab == 1 else cv2.MARKER_TILTED_CROSS
-                colour = (0, 255, 0) if lab == 1 else (255, 40, 40)
-                cv2.drawMarker(out, (int(round(x)), int(round(y))), colour, marker, size, thick + 1)
+                rgb = (0, 255, 0) if lab == 1 else (255, 40, 40)
+                cv2.drawMarker(out, (int(round(x)), int(round(y))), rgb, marker, size, thick + 1)
     return out
 
 
@@ -113,3 +118,17 @@ def montage(pictures: list[np.ndarray], height: int = 256, columns: int = 4) -> 
         row += [np.zeros_like(tiles[0])] * (columns - len(row))
         rows.append(np.concatenate(row, 1))
     return np.concatenate(rows, 0)
+
+
+def legend(picture: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """``picture`` with a strip below naming each class in its colour (and the truth's white outline)."""
+    width = picture.shape[1]
+    entries = [(n, colour(c + 1)) for c, n in enumerate(class_names)] + [("truth (outline)", (255, 255, 255))]
+    scale, line = 0.5, 24
+    per_row = max(1, width // 200)
+    strip = np.zeros((line * ((len(entries) + per_row - 1) // per_row) + 8, width, 3), np.uint8)
+    for i, (name, rgb) in enumerate(entries):
+        x, y = 8 + (i % per_row) * (width // per_row), 20 + (i // per_row) * line
+        cv2.rectangle(strip, (x, y - 12), (x + 14, y + 2), rgb, -1)
+        cv2.putText(strip, name[:28], (x + 20, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (235, 235, 235), 1, cv2.LINE_AA)
+    return np.concatenate([picture, strip], 0)

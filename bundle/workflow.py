@@ -72,22 +72,22 @@ class _Run:
             **summarize(rows, model.class_names),
             "num_images": len(targets),
             "num_scored": len(rows),
-            "num_failed": len(errors),
+            "num_failed": len(self.evaluator.errors),
             "output_dir": os.path.abspath(self.output_dir),
             "seconds_total": round(total, 2),
             "seconds_per_image": round(total / max(len(targets), 1), 3),
             "peak_memory_mb": round(peak, 1),
             "seconds_by_stage": {**store.clock.seconds, "prompting_and_sam_decoding_s": round(seconds, 2)},
             "not_found": getattr(state, "not_found", []),
+            "review": getattr(state, "review_summary", {}),
             "strategy_decisions": model.decisions(),
             **extra,
         }
         write_json(os.path.join(self.output_dir, "summary.json"), summary)
         _print(summary)
-        if errors and self.fail_on_errors:
-            raise SystemExit(
-                f"{len(errors)} of {len(errors) + len(targets)} targets failed: see {self.output_dir}/errors.csv"
-            )
+        failed = self.evaluator.errors
+        if failed and self.fail_on_errors:
+            raise SystemExit(f"{len(failed)} inputs or outputs failed: see {self.output_dir}/errors.csv")
         return summary
 
 
@@ -250,5 +250,8 @@ def _print(summary: dict[str, Any]) -> None:
         f"  {summary['seconds_total']:.1f} s in all, {summary['seconds_per_image']:.2f} s per image, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )
+    review = summary.get("review") or {}
+    if "num_to_review" in review:
+        lines.append(f"  {review['num_to_review']} images to review (least confident first in qc.csv and overlays/)")
     lines.append(f"  results in {summary['output_dir']}")
     print("\n".join(lines), flush=True)

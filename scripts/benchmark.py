@@ -171,16 +171,37 @@ def _measured(fn, *args) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     classes = list(next(iter(results.values()))["per_class"])
-    head = "| method | " + " | ".join(classes) + " | mean Dice | mean IoU | missed % | s / image | peak MB |"
-    lines = [head, "|" + "---|" * (len(classes) + 6)]
+    head = "| method | " + " | ".join(classes) + " | mean Dice | mean IoU | missed % | s / image | peak MB | review |"
+    lines = [head, "|" + "---|" * (len(classes) + 7)]
     for method, s in results.items():
         per = " | ".join(f"{s['per_class'].get(c, float('nan')):.1f}" for c in classes)
         peak, missed = s.get("peak_memory_mb"), s.get("missed_share", math.nan)
         lines.append(
             f"| {method} | {per} | **{s['dice_mean']:.1f}** | {s['iou_mean']:.1f} | {missed:.1f} | "
-            f"{s['seconds_per_image']:.2f} | " + (f"{peak:.0f} |" if peak else "- |")
+            f"{s['seconds_per_image']:.2f} | " + (f"{peak:.0f} |" if peak else "- |") + f" {_review(s)} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + _REVIEW_NOTE
+
+
+_REVIEW_NOTE = (
+    "\n\nreview: images flagged for review (qc.csv) / images scored; failures (mean Dice below 0.5) among them, "
+    "with the share of failures flagged and the share of flagged images that are failures"
+)
+
+
+def _review(summary: dict) -> str:
+    """The review flags against the truth: 'flagged / scored; failures: share flagged, share of flagged failing'."""
+    r = summary.get("review") or {}
+    if "num_scored" not in r:
+        return "-"
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{v:.0f}%"
+
+    return (
+        f"{r['num_flagged_scored']} / {r['num_scored']} flagged; {r['num_failures']} failures: "
+        f"{pct(r['failures_flagged'])} flagged, {pct(r['flagged_failing'])} of flagged fail"
+    )
 
 
 def write_markdown(path: str, dataset: str, command: str, text: str) -> None:

@@ -201,7 +201,9 @@ class FusedSource(Source):
         if label.any():
             itself = registered(soft, image.shape[:2])
             warped = itself if warped is None else combine(label, itself, warped)
-        return self.absent(state, warped, key, image, store)
+        pred = self.absent(state, warped, key, image, store)
+        pred.support = _supports(self._located(state, key, image, store), pred)
+        return pred
 
     def absent(
         self, state: FusedState, pred: Prediction, key: str, image: np.ndarray, store: EmbeddingStore
