@@ -129,6 +129,7 @@ class ReviewFlags:
                     }
                 )
         write_qc(self.output_dir, rows)
+        engine.state.qc_rows = rows
         flagged = image_conf < self.review_below
         engine.state.review = [self.ids[i] for i in order]
         engine.state.confidence = {self.ids[i]: float(image_conf[i]) for i in order}

@@ -2,8 +2,8 @@
 
 No ground truth is needed. Per class, over the cohort, the robust centre and spread (median, scaled median absolute
 deviation) of SAM's predicted IoU, of the locator's support of the mask and of the log area relative to the
-reference; an image whose IoU or support lies far below the cohort's, whose area lies far from the cohort's, or where
-the class was not found, is flagged for review.
+reference; an image whose IoU or support lies far below the cohort's (or below an absolute floor), whose area lies far
+from the cohort's, or where the class was not found, is flagged for review.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ REVIEW_BELOW = 0.5  # a class result with a confidence below this needs review
 IOU_SPREAD = 0.05
 SUPPORT_SPREAD = 0.1
 AREA_SPREAD = 1.5  # a factor
+MIN_SUPPORT = 0.1  # a mask the locator backs less than this (inside minus around) needs review
 
 
 def area_fractions(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -44,7 +45,8 @@ def confidence(iou: np.ndarray, area: np.ndarray, found: np.ndarray, support: np
     """Per image and class, in [0, 1], from SAM's predicted ``iou`` (N, C; NaN: not measured), ``area`` relative to
     the reference (N, C), ``found`` (N, C) boolean and the locator's ``support`` of the mask (N, C; NaN or None: not
     measured). 1 within one robust standard unit of the cohort's centre on every signal, falling to 0 at four units
-    (IoU and support: only below the centre; area: either side); 0 where not found."""
+    (IoU and support: only below the centre; area: either side); below 0.5 also where SAM's IoU is below 0.5 or the
+    support below ``MIN_SUPPORT`` whatever the cohort; 0 where not found."""
     support = np.full(iou.shape, np.nan) if support is None else support
     out = np.zeros(iou.shape, dtype=float)
     for c in range(iou.shape[1]):
@@ -54,5 +56,10 @@ def confidence(iou: np.ndarray, area: np.ndarray, found: np.ndarray, support: np
         log_area = np.where(ok & (area[:, c] > 0), np.log(np.maximum(area[:, c], 1e-12)), np.nan)
         z_area = robust_z(log_area, floor=np.log(AREA_SPREAD))
         s_area = np.clip(1 - (np.abs(np.nan_to_num(z_area, nan=0.0)) - 1) / 3, 0, 1)
-        out[:, c] = np.where(ok, np.minimum.reduce([_low(z_iou), _low(z_support), s_area]), 0.0)
+        # absolute floors, for a cohort where failures are too many to stand out: SAM itself doubts its mask
+        # (predicted IoU near 0.5), or the locator finds the structure hardly more inside the mask than around it
+        a_iou = np.clip((np.nan_to_num(iou[:, c], nan=1.0) - 0.3) / 0.4, 0, 1)
+        a_support = np.clip(np.nan_to_num(support[:, c], nan=1.0) / (2 * MIN_SUPPORT), 0, 1)
+        scores = [_low(z_iou), _low(z_support), s_area, a_iou, a_support]
+        out[:, c] = np.where(ok, np.minimum.reduce(scores), 0.0)
     return out

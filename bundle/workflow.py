@@ -20,7 +20,7 @@ from bundle.job import fingerprint
 from bundle.metrics import summarize
 from bundle.model import OneShotModel, load_model_file
 from bundle.reference import check_reference
-from bundle.report import write_json
+from bundle.report import write_json, write_report
 from bundle.sources import Cohort, Source
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import shrink
@@ -84,10 +84,12 @@ class _Run:
             **extra,
         }
         write_json(os.path.join(self.output_dir, "summary.json"), summary)
+        write_report(self.output_dir, summary, getattr(state, "qc_rows", []))
         _print(summary)
         failed = self.evaluator.errors
         if failed and self.fail_on_errors:
-            raise SystemExit(f"{len(failed)} inputs or outputs failed: see {self.output_dir}/errors.csv")
+            total = len(errors) + len(targets)
+            raise SystemExit(f"{len(failed)} of {total} targets failed: see {self.output_dir}/errors.csv")
         return summary
 
 
@@ -253,5 +255,5 @@ def _print(summary: dict[str, Any]) -> None:
     review = summary.get("review") or {}
     if "num_to_review" in review:
         lines.append(f"  {review['num_to_review']} images to review (least confident first in qc.csv and overlays/)")
-    lines.append(f"  results in {summary['output_dir']}")
+    lines.append(f"  results in {summary['output_dir']} (report.html)")
     print("\n".join(lines), flush=True)

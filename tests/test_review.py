@@ -1,0 +1,105 @@
+import csv
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from monai.utils import set_determinism
+from PIL import Image
+
+from bundle.qc import area_fractions, confidence
+from tests.test_workflow import _dataset, _workflow
+
+BROWSERS = ("chromium-headless-shell", "chromium", "google-chrome")
+
+
+def test_confidence_is_low_only_for_the_result_that_strays_from_the_cohort():
+    rng = np.random.default_rng(0)
+    n = 20
+    iou = rng.normal(0.85, 0.01, (n, 2))
+    area = rng.normal(1.0, 0.05, (n, 2))
+    support = rng.normal(0.6, 0.03, (n, 2))
+    found = np.ones((n, 2), bool)
+    area[3, 0] = 4.0  # four times the cohort's usual area
+    iou[7, 1] = 0.4  # SAM much less sure than usual
+    support[11, 0] = -0.2  # the locator does not back the mask
+    found[15, 1] = False
+    conf = confidence(iou, area, found, support)
+    low = {(int(i), int(c)) for i, c in zip(*np.nonzero(conf < 0.5))}
+    assert low == {(3, 0), (7, 1), (11, 0), (15, 1)}
+    support[:10, 1] = 0.02  # half the cohort unsupported: no outlier, but each is below the absolute floor
+    assert (confidence(iou, area, found, support)[:10, 1] < 0.5).all()
+    assert conf[15, 1] == 0.0
+    # NaN signals (not measured, e.g. the warped label serves the class) never flag by themselves
+    iou[:, 0] = np.nan
+    assert (confidence(iou, area, found, None)[:, 0] >= 0.5).sum() == n - 1
+
+
+def test_area_fractions_take_the_largest_slice():
+    label = np.zeros((2, 10, 10), np.int64)
+    label[0, :5] = 1
+    label[1, :2] = 1
+    label[1, 5:] = 2
+    assert np.allclose(area_fractions(label, 3), [0.5, 0.5, 0.0])
+
+
+@pytest.fixture(scope="module")
+def flagged_run(tmp_path_factory):
+    """A cohort run of 9 targets where c6's image no longer shows its structure: its prediction is wrong."""
+    set_determinism(seed=0)
+    tmp_path = tmp_path_factory.mktemp("review")
+    root = _dataset(tmp_path / "data", n=10)
+    noise = np.random.default_rng(0).integers(40, 60, (80, 96)).astype(np.uint8)
+    Image.fromarray(noise).save(root / "images" / "c6.png")
+    _workflow(tmp_path, dataset_dir=str(root)).run()
+    return tmp_path / "out"
+
+
+def test_a_deliberately_wrong_prediction_is_flagged_and_shown_first(flagged_run):
+    out = flagged_run
+    with open(out / "qc.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows][0] == "c6"  # least confident first
+    flagged = {r["id"] for r in rows if r["needs_review"] == "True"}
+    assert "c6" in flagged and len(flagged) <= 3  # the failure, and only a minority of the 9 targets
+    summary = json.loads((out / "summary.json").read_text())
+    review = summary["review"]
+    assert review["num_to_review"] == len(flagged) and review["to_review"][0] == "c6"
+    dice = {r["id"]: float(r["dice"]) for r in rows}
+    assert dice["c6"] < 0.8 and all(d > 0.9 for i, d in dice.items() if i != "c6")  # it is the wrong one
+    assert review["num_scored"] == 9 and review["num_flagged_scored"] == len(flagged)
+    assert (out / "overlays" / "c6.png").exists() and (out / "overlays" / "montage.png").exists()
+
+
+def test_report_renders_in_a_real_headless_browser(flagged_run, tmp_path):
+    page = flagged_run / "report.html"
+    text = page.read_text()
+    assert "c6" in text and "data:image/png;base64," in text and "Review list" in text
+    assert "http" not in text.replace("http-equiv", "")  # self-contained: nothing fetched
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        if os.environ.get("ONESHOT_REQUIRE_DATA"):
+            pytest.fail("no headless browser (scripts/test.sh installs chromium-headless-shell)")
+        pytest.skip("no headless browser")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    picture = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert picture.shape[:2] == (1600, 1200)
+    assert picture.std() > 20  # not blank: text, tables and the montage are drawn
+    top = picture[:600]
+    assert (top.std(-1) > 10).mean() > 0.02  # coloured pixels (the montage overlays, its legend) in the first screen
