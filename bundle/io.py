@@ -16,6 +16,8 @@ import torch
 from monai.data import ITKReader, NibabelReader, PILReader, PILWriter, PydicomReader
 from monai.transforms import LoadImage
 
+from bundle.console import quiet
+
 __all__ = [
     "Case",
     "InvalidReferenceError",
@@ -122,7 +124,9 @@ _loaders: dict[str, LoadImage] = {}
 def _loader(reader: str) -> LoadImage:
     """One MONAI loader per reader, made once (making one registers every reader, which logs each time)."""
     if reader not in _loaders:
-        _loaders[reader] = LoadImage(image_only=True, ensure_channel_first=True, reader=_READERS[reader]())
+        # making a loader tries every MONAI reader; the GPU DICOM decoder's absence is no news on a CPU run
+        with quiet("NvImgCodecPydicomReader", loggers=("monai.data.nvimgcodec_pydicom_plugin",)):
+            _loaders[reader] = LoadImage(image_only=True, ensure_channel_first=True, reader=_READERS[reader]())
     return _loaders[reader]
 
 

@@ -16,7 +16,16 @@ from bundle.io import Case
 __all__ = ["PRESENTATION_IDS", "parsed_config", "fingerprint"]
 
 # ids that change how a run is shown or where it goes, not what it computes
-PRESENTATION_IDS = ("output_dir", "progress", "resume", "num_overlays", "adapted_model", "overwrite_model", "_meta_")
+PRESENTATION_IDS = (
+    "output_dir",
+    "progress",
+    "show_progress",
+    "resume",
+    "num_overlays",
+    "adapted_model",
+    "overwrite_model",
+    "_meta_",
+)
 
 
 def parsed_config() -> dict[str, Any] | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceCELoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss, SSIMLoss
 
+from bundle.console import quiet
+
 __all__ = ["WarpingLoss", "LabelLoss"]
 
 
@@ -31,7 +33,9 @@ class WarpingLoss(torch.nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         sim = sum(term(warped, fixed) for term in self.terms)
-        return sim + self.lambda_reg * self.smooth(ddf)
+        with quiet("Using a non-tuple sequence for multidimensional indexing"):  # inside MONAI's DiffusionLoss
+            smooth = self.smooth(ddf)
+        return sim + self.lambda_reg * smooth
 
 
 class LabelLoss(torch.nn.Module):

