@@ -3,6 +3,7 @@ pipeline: read, check, cut into slices, intensity scaling, processing size."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -15,10 +16,18 @@ from monai.transforms import Transform
 
 from bundle.demo import make_demo_dataset
 from bundle.dicom import read_dicom_series
-from bundle.io import Case, InvalidReferenceError, Volume, case_id, read_target
+from bundle.io import IMAGE_EXTS, Case, InvalidReferenceError, Volume, case_id, read_target
 from bundle.transforms import scale_intensity, shrink
 
-__all__ = ["CohortDataset", "ImageDataset", "PrepareTarget", "Target", "dicom_order", "load_datalist"]
+__all__ = [
+    "CohortDataset",
+    "ImageDataset",
+    "PrepareTarget",
+    "Target",
+    "dicom_order",
+    "load_datalist",
+    "load_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +73,37 @@ def load_datalist(
     if num_images is not None and num_images > 0:
         targets = targets[: int(num_images)]
     return reference, targets, names
+
+
+def load_folder(
+    image_dir: str,
+    reference_image: str | None,
+    reference_label: str | None,
+    pattern: str = "*",
+    num_images: int | None = None,
+) -> tuple[Case, list[Case]]:
+    """Reference case and unlabelled target cases from a folder, without a datalist: every entry of ``image_dir``
+    matching ``pattern`` that is an image file (a known extension, or none, as DICOM files often have), or a folder
+    (a DICOM series), sorted by name; the reference image is never a target of its own."""
+    if not reference_image or not reference_label:
+        raise InvalidReferenceError("image_dir needs the reference: give reference_image and reference_label")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"image_dir {image_dir} is not a folder")
+    reference = Case(case_id(reference_image), reference_image, reference_label)
+    skip = {os.path.abspath(reference_image), os.path.abspath(reference_label)}
+    targets = []
+    for name in sorted(os.listdir(image_dir)):
+        path = os.path.join(image_dir, name)
+        if name.startswith(".") or not fnmatch.fnmatch(name, pattern) or os.path.abspath(path) in skip:
+            continue
+        image = os.path.isdir(path) or name.lower().endswith(IMAGE_EXTS) or "." not in name
+        if image:
+            targets.append(Case(case_id(path), path, None))
+    if not targets:
+        raise FileNotFoundError(f"no image in {image_dir} matches {pattern!r}")
+    if num_images is not None and num_images > 0:
+        targets = targets[: int(num_images)]
+    return reference, targets
 
 
 @dataclass
@@ -136,16 +176,21 @@ class PrepareTarget(Transform):
 
 
 class CohortDataset(Dataset):
-    """The targets of a decathlon ``dataset.json`` (every case but the reference), prepared by ``transform``.
+    """The targets of a decathlon ``dataset.json`` (every case but the reference), or of a folder of images with an
+    explicit reference, prepared by ``transform``.
 
-    ``load`` reads the datalist (the synthetic demo's when ``dataset_dir`` is None) and returns the reference case
-    and the class names.
+    ``load`` reads the datalist (the synthetic demo's when neither ``dataset_dir`` nor ``image_dir`` is given) and
+    returns the reference case and the class names.
 
     Args:
-        dataset_dir: folder with ``dataset.json``; None: the embedded synthetic demo, written to ``demo_dir``.
+        dataset_dir: folder with ``dataset.json``; None: ``image_dir``, else the embedded synthetic demo, written to
+            ``demo_dir``.
         num_images: at most this many targets (0: all).
-        reference_image / reference_label: explicit reference (default: first labelled case by image name).
+        reference_image / reference_label: explicit reference (default: first labelled case by image name; required
+            with ``image_dir``).
         transform: ``PrepareTarget``.
+        image_dir / image_glob: a folder whose images (matching the glob) are the targets, no datalist needed.
+        class_names: label value -> name, where no datalist names the classes.
     """
 
     def __init__(
@@ -156,21 +201,33 @@ class CohortDataset(Dataset):
         reference_label: str | None = None,
         transform: PrepareTarget | None = None,
         demo_dir: str = "demo_data",
+        image_dir: str | None = None,
+        image_glob: str = "*",
+        class_names: dict | None = None,
     ):
         self.prepare = transform or PrepareTarget()
         super().__init__(data=[], transform=self.prepare)
         self.dataset_dir, self.num_images, self.demo_dir = dataset_dir, num_images, demo_dir
         self.reference_image, self.reference_label = reference_image, reference_label
+        self.image_dir, self.image_glob = image_dir, image_glob or "*"
+        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
 
     def load(self) -> tuple[Case, dict[int, str]]:
         """Read the datalist: fills the dataset with the target cases; returns the reference case and class names."""
+        if self.dataset_dir and self.image_dir:
+            raise ValueError("give dataset_dir (a dataset.json) or image_dir (a folder of images), not both")
+        if self.image_dir:
+            reference, self.data = load_folder(
+                self.image_dir, self.reference_image, self.reference_label, self.image_glob, self.num_images
+            )
+            return reference, dict(self.class_names)
         if not self.dataset_dir:
             self.dataset_dir = make_demo_dataset(self.demo_dir)
             logger.info("no dataset_dir given: running on the synthetic demo in %s", self.dataset_dir)
         reference, self.data, names = load_datalist(
             self.dataset_dir, self.num_images, self.reference_image, self.reference_label
         )
-        return reference, names
+        return reference, {**names, **self.class_names}
 
 
 class ImageDataset(Dataset):

@@ -37,9 +37,10 @@ __all__ = [
     "output_name",
     "to_class_index",
     "case_id",
+    "IMAGE_EXTS",
 ]
 
-_IMAGE_EXTS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+IMAGE_EXTS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 class InvalidReferenceError(ValueError):
@@ -58,7 +59,7 @@ class Case:
 
 def case_id(path: str) -> str:
     name = os.path.basename(path.rstrip("/"))
-    for ext in _IMAGE_EXTS:
+    for ext in IMAGE_EXTS:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return os.path.splitext(name)[0]

@@ -118,3 +118,34 @@ def test_an_adapted_model_of_another_job_is_not_overwritten_silently(tmp_path):
         _workflow(tmp_path, **other).run()
     assert not os.path.exists(tmp_path / "other" / "predictions")  # refused before any work
     _workflow(tmp_path, **other, overwrite_model=True).run()
+
+
+def test_a_folder_of_images_without_a_datalist_is_segmented(tmp_path):
+    root = _dataset(tmp_path / "data", n=4)
+    (root / "images" / "notes.txt").write_text("not an image")
+    (root / "dataset.json").unlink()  # no datalist: the folder and the reference are all there is
+    workflow = _workflow(
+        tmp_path,
+        image_dir=str(root / "images"),
+        image_glob="c*",
+        reference_image=str(root / "images" / "c0.png"),
+        reference_label=str(root / "labels" / "c0.png"),
+        class_names={1: "blob"},
+        strategy="registration",
+    )
+    summary = workflow.run()
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out / "predictions")) == ["c1.png", "c2.png", "c3.png"]  # not the reference, no txt
+    assert summary["num_images"] == 3 and summary["num_failed"] == 0
+    assert summary["reference"]["image"].endswith("c0.png")
+    with open(out / "qc.csv") as f:
+        assert {line.split(",")[1] for line in f.read().splitlines()[1:]} == {"blob"}
+    pred = np.asarray(Image.open(out / "predictions" / "c2.png"))
+    assert (pred == 1).sum() > 0.5 * np.pi * 16**2
+
+
+def test_a_folder_without_its_reference_is_refused(tmp_path):
+    root = _dataset(tmp_path / "data", n=3)
+    workflow = _workflow(tmp_path, image_dir=str(root / "images"), reference_image=str(root / "images" / "c0.png"))
+    with pytest.raises(InvalidReferenceError, match="reference_label"):
+        workflow.run()
