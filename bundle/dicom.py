@@ -38,6 +38,9 @@ __all__ = [
     "dicom_pixels",
     "bundle_version",
     "write_dicom_seg",
+    "complete_type2",
+    "is_seg",
+    "read_seg_label",
 ]
 
 ALGORITHM_NAME = "oneshot-sam"
@@ -146,7 +149,8 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
 def dicom_pixels(datasets: Dataset | Sequence[Dataset]) -> np.ndarray:
     """float32 (Z, H, W) volume, or (Z, H, W, 3) for colour, in the order of ``datasets`` (frames in stored order).
 
-    Rescale slope and intercept are applied per frame (functional groups first, then the top-level attributes).
+    Rescale slope and intercept are applied per frame (functional groups first, then the top-level attributes);
+    MONOCHROME1 pixels are then negated (presentation: bright is high, as ITK reads them up to an offset).
     """
     items = [datasets] if isinstance(datasets, Dataset) else list(datasets)
     if not items:
@@ -158,9 +162,11 @@ def dicom_pixels(datasets: Dataset | Sequence[Dataset]) -> np.ndarray:
         colour = int(ds.get("SamplesPerPixel", 1)) > 1
         if arr.ndim == (3 if colour else 2):
             arr = arr[None]
+        # MONOCHROME1 shows low values bright: negated, so that bright is high as for every other image
+        sign = np.float32(-1.0 if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" else 1.0)
         for i, frame in enumerate(arr):
             slope, intercept = (1.0, 0.0) if colour else _rescale(ds, i)
-            slices.append(frame.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+            slices.append(sign * (frame.astype(np.float32) * np.float32(slope) + np.float32(intercept)))
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise ValueError(f"slices of different shapes {sorted(shapes)}")
@@ -200,6 +206,29 @@ def _check_sources(sources: Sequence[Dataset]) -> None:
         raise ValueError("a multi-frame source must be given alone, not within a list of slices")
 
 
+# type-2 attributes (present, possibly empty) of the patient and study modules that a SEG copies from its source:
+# de-identified files often drop them, and the standard allows them empty
+_TYPE2 = {
+    "PatientName": "PN",
+    "PatientID": "LO",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "ReferringPhysicianName": "PN",
+    "StudyID": "SH",
+    "AccessionNumber": "SH",
+}
+
+
+def complete_type2(ds: Dataset) -> Dataset:
+    """``ds`` with the patient and study type-2 attributes it lacks added empty (in place; returned for chaining)."""
+    for keyword, vr in _TYPE2.items():
+        if keyword not in ds:
+            ds.add_new(keyword, vr, None)
+    return ds
+
+
 def write_dicom_seg(
     label: np.ndarray,
     sources: Dataset | Sequence[Dataset],
@@ -220,11 +249,13 @@ def write_dicom_seg(
     value and labelled with its name, even when it has no pixel (such a segment has no frame); frames without any
     segment are omitted, unless the whole label is empty, when all frames are stored empty. ``property_codes`` maps
     a label value to its (category, type) codes. Label values that are neither 0 nor a class raise ``ValueError``.
+    Patient and study type-2 attributes missing from the sources are added to them empty (``complete_type2``).
     """
     items = [sources] if isinstance(sources, Dataset) else list(sources)
     if not items:
         raise ValueError("no source DICOM dataset given")
     _check_sources(items)
+    items = [complete_type2(ds) for ds in items]
     classes = _classes(class_names)
     label = np.asarray(label)
     if label.ndim == 2:
@@ -291,3 +322,31 @@ def read_dicom_series(path: str, by: str = "position") -> tuple[list[Dataset], n
     """``read_dicom_datasets`` and ``dicom_pixels`` together: the sources in slice order and their volume."""
     datasets = read_dicom_datasets(path, by)
     return datasets, dicom_pixels(datasets)
+
+
+def is_seg(path: str) -> bool:
+    """Whether ``path`` is a DICOM Segmentation file."""
+    if not os.path.isfile(path) or not pydicom.misc.is_dicom(path):
+        return False
+    return pydicom.dcmread(path, stop_before_pixels=True).get("SOPClassUID") == pydicom.uid.SegmentationStorage
+
+
+def read_seg_label(path: str, sources: Sequence[Dataset]) -> tuple[np.ndarray, dict[int, str]]:
+    """A DICOM SEG as a label map on its source slices: int64 (Z, H, W) of segment numbers (0 elsewhere) in the order
+    of ``sources`` (single-frame datasets, or one multi-frame dataset whose frames are the slices), and each segment's
+    label by number. Frames the SEG leaves out are empty."""
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as err:  # noqa: BLE001 - any reader failure is one clear message
+        raise ValueError(f"{path}: not a readable DICOM Segmentation ({err})") from err
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    options = dict(combine_segments=True, assert_missing_frames_are_empty=True, skip_overlap_checks=True)
+    try:
+        if len(sources) == 1 and _frames(sources[0]) > 1:
+            frames = list(range(1, _frames(sources[0]) + 1))
+            pixels = seg.get_pixels_by_source_frame(sources[0].SOPInstanceUID, frames, **options)
+        else:
+            pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in sources], **options)
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"{path}: does not segment the reference image's slices ({err})") from err
+    return np.asarray(pixels, dtype=np.int64), names

@@ -83,7 +83,10 @@ class OneShotModel:
             if len(references) > 1:
                 logger.info("fitting on reference %s for classes %s", reference.tag, [class_names[c] for c in classes])
             groups.append(Group(reference, classes, source, source.fit(reference, cohort)))
-        return cls(groups, class_values, class_names, preparation)
+        model = cls(groups, class_values, class_names, preparation)
+        for name, decision in model.decisions().items():
+            logger.info("%s: served by %s (%s)", name, decision["source"], decision)
+        return model
 
     def predict(self, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         """All classes' logits (C, H, W) for one prepared (H, W[, 3]) image; ``key`` names it in ``store``. Where a

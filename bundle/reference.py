@@ -6,11 +6,14 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pydicom
 
-from bundle.io import Case, InvalidReferenceError, check_target, read_label_volume, read_volume, to_class_index
+from bundle.dataset import dicom_order
+from bundle.dicom import is_seg, read_dicom_datasets, read_seg_label
+from bundle.io import Case, InvalidReferenceError, Volume, check_target, read_label_volume, read_volume, to_class_index
 from bundle.transforms import scale_intensity
 
-__all__ = ["ReferenceSlice", "check_reference"]
+__all__ = ["ReferenceSlice", "check_reference", "reference_names"]
 
 
 @dataclass
@@ -47,7 +50,7 @@ def check_reference(
     except Exception as e:  # noqa: BLE001 - any reader failure is reported the same way
         raise InvalidReferenceError(f"reference image {case.image_path} cannot be read: {e}") from e
     try:
-        label = read_label_volume(case.label_path, volume)
+        label = _seg_label(case, volume) if is_seg(case.label_path) else read_label_volume(case.label_path, volume)
     except Exception as e:  # noqa: BLE001
         raise InvalidReferenceError(f"reference label {case.label_path} cannot be read: {e}") from e
     if volume.slices.shape[:3] != label.shape:
@@ -94,6 +97,25 @@ def check_reference(
             )
         refs.append(ReferenceSlice(image[z], group, classes, z))
     return refs, class_values
+
+
+def _seg_label(case: Case, volume: Volume) -> np.ndarray:
+    """A DICOM SEG reference label as (Z, H, W) segment numbers on the slices of the reference image as read."""
+    if volume.kind != "dicom":
+        raise ValueError("a DICOM SEG can only label a DICOM reference image")
+    order = dicom_order(case.image_path, volume)
+    if order is None:
+        raise ValueError(f"the files of {case.image_path} do not line up with its slices")
+    label, _ = read_seg_label(case.label_path, read_dicom_datasets(case.image_path)[::order])
+    return label
+
+
+def reference_names(case: Case) -> dict[int, str]:
+    """Class names the reference label itself carries (a DICOM SEG's segment labels by number), else none."""
+    if not case.label_path or not is_seg(case.label_path):
+        return {}
+    ds = pydicom.dcmread(case.label_path, stop_before_pixels=True)
+    return {int(d.SegmentNumber): str(d.SegmentLabel) for d in ds.get("SegmentSequence", [])}
 
 
 def _size(shape: tuple[int, ...]) -> str:

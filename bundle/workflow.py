@@ -19,7 +19,7 @@ from bundle.evaluator import OneShotEvaluator, output_paths
 from bundle.job import fingerprint
 from bundle.metrics import summarize
 from bundle.model import OneShotModel, load_model_file
-from bundle.reference import check_reference
+from bundle.reference import check_reference, reference_names
 from bundle.report import write_json, write_report
 from bundle.sources import Cohort, Source
 from bundle.store import EmbeddingStore, Reference
@@ -137,6 +137,7 @@ class OneShotSegmentation(_Run):
         start = time.time()
         os.makedirs(self.output_dir, exist_ok=True)
         reference, names = self.dataset.load()
+        names = {**reference_names(reference), **names}
         prepare = self.dataset.prepare
         slices, class_values = check_reference(
             reference, sorted(names) or None, prepare.slice_axis, self.reference_slice, prepare.window

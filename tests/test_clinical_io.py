@@ -220,3 +220,99 @@ def test_killed_run_resumes_to_the_same_predictions_without_redoing_work(tmp_pat
     for n in ("c1.png", "c3.png"):
         assert os.stat(out / "predictions" / n).st_mtime_ns == stamps[n]
     assert np.array_equal(_labels(out)["c2.png"], whole_labels["c2.png"])
+
+
+def _edit_series(folder, edit):
+    for name in sorted(os.listdir(folder)):
+        ds = pydicom.dcmread(folder / name)
+        edit(ds)
+        ds.save_as(folder / name)
+
+
+def _monochrome1(ds):
+    ds.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _deidentified(ds):  # type-2 attributes dropped, as de-identification tools often do
+    for keyword in ("PatientBirthDate", "PatientSex", "PatientID", "StudyID", "AccessionNumber", "StudyDate"):
+        if keyword in ds:
+            del ds[keyword]
+
+
+def _broken_study(ds):  # a type-1 attribute missing: no SEG can be written for this series
+    del ds.StudyInstanceUID
+
+
+@pytest.fixture(scope="module")
+def dicom_run(tmp_path_factory):
+    """A DICOM cohort: the reference labelled by a DICOM SEG (no label names in dataset.json), and targets that are
+    MONOCHROME1 (p1), de-identified (p2) and without StudyInstanceUID (p3, its SEG cannot be written)."""
+    from bundle.dicom import read_dicom_datasets, write_dicom_seg
+
+    tmp_path = tmp_path_factory.mktemp("dicom")
+    root = tmp_path / "data"
+    cases = (("p0", (0, 0), None), ("p1", (6, -5), _monochrome1), ("p2", (-5, 4), _deidentified))
+    cases += (("p3", (3, 3), _broken_study),)
+    items = []
+    for name, shift, edit in cases:
+        _dicom_case(root / "images" / name, shift)
+        if edit is not None:
+            _edit_series(root / "images" / name, edit)
+        items.append({"image": f"images/{name}"})
+    sources = read_dicom_datasets(str(root / "images" / "p0"))  # slice order
+    label = np.stack([disk((sources[0].Rows, sources[0].Columns), (60, 70), 24 - 4 * abs(k - 1)) for k in range(3)])
+    write_dicom_seg(label.astype(np.int64), sources, {1: "mass"}, str(root / "p0_seg.dcm"))
+    items[0]["label"] = "p0_seg.dcm"
+    (root / "dataset.json").write_text(json.dumps({"training": items}))
+    with pytest.raises(SystemExit, match="1 of 3 targets failed"):
+        _workflow(tmp_path, dataset_dir=str(root), strategy="registration").run()
+    return root, tmp_path / "out"
+
+
+def _seg_mask(seg_path, folder):
+    seg = hd.seg.segread(str(seg_path))
+    files = sorted(os.listdir(folder))
+    uids = [pydicom.dcmread(folder / f).SOPInstanceUID for f in files]
+    masks = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
+    return seg, masks[..., 0]
+
+
+def test_a_dicom_seg_serves_as_the_reference_label(dicom_run):
+    root, out = dicom_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference"]["label"].endswith("p0_seg.dcm")
+    assert (out / "metrics.csv").read_text().startswith("id,dice_mass")  # the segment's label names the class
+    seg, masks = _seg_mask(out / "predictions" / "p2_seg.dcm", root / "images" / "p2")
+    assert seg.get_segment_description(1).segment_label == "mass"
+    assert masks[1][60 - 5, 70 + 4] == 1 and masks[1][5, 120] == 0
+
+
+def test_a_monochrome1_series_gets_a_seg_over_the_right_pixels(dicom_run):
+    root, out = dicom_run
+    seg, masks = _seg_mask(out / "predictions" / "p1_seg.dcm", root / "images" / "p1")
+    for k in range(3):
+        truth = disk(masks[k].shape, (66, 65), 24 - 4 * abs(k - 1))
+        assert 2 * (masks[k].astype(bool) & truth).sum() / (masks[k].sum() + truth.sum()) > 0.6
+
+
+def test_a_seg_is_written_for_files_missing_type2_attributes(dicom_run):
+    root, out = dicom_run
+    seg = pydicom.dcmread(out / "predictions" / "p2_seg.dcm")
+    assert seg.PatientBirthDate == "" and seg.StudyID == "" and seg.PatientID == ""
+    assert seg.StudyInstanceUID == pydicom.dcmread(root / "images" / "p2" / "slice00.dcm").StudyInstanceUID
+
+
+def test_a_seg_that_cannot_be_written_is_an_error_row_and_nothing_else_is_lost(dicom_run):
+    root, out = dicom_run
+    errors = (out / "errors.csv").read_text()
+    assert "p3" in errors and "SEG" in errors
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 3 and summary["num_failed"] == 1 and summary["num_scored"] == 0
+    assert {f for f in os.listdir(out / "predictions") if not f.endswith(".part")} == {
+        "p1.nii.gz",
+        "p1_seg.dcm",
+        "p2.nii.gz",
+        "p2_seg.dcm",
+        "p3.nii.gz",  # its label map is still written
+    }
+    assert (out / "qc.csv").exists() and (out / "report.html").exists()

@@ -139,7 +139,7 @@ class FusedSource(Source):
         if self.sam_confidence is not None:
             walls = [bool(inner) for inner in Layout.of(reference.label, reference.num_classes).surrounds]
             state.decisions = self.confident(state, cohort, walls)
-        logger.info("fused source, per class: %s", [asdict(d) for d in state.decisions])
+        logger.debug("fused source, per class: %s", [asdict(d) for d in state.decisions])
         return state
 
     def confident(self, state: FusedState, cohort: Cohort, walls: list[bool] | None = None) -> list[Decision]:
