@@ -12,10 +12,11 @@ import numpy as np
 from ignite.engine import Engine
 
 from bundle.dataset import Target
-from bundle.dicom import read_dicom_datasets, write_dicom_seg
+from bundle.dicom import read_dicom_datasets
 from bundle.inferer import OneShotInferer
 from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
 from bundle.model import OneShotModel
+from bundle.seg import write_dicom_seg
 from bundle.store import EmbeddingStore
 
 __all__ = ["OneShotEvaluator", "output_paths"]

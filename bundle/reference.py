@@ -9,8 +9,9 @@ import numpy as np
 import pydicom
 
 from bundle.dataset import dicom_order
-from bundle.dicom import is_seg, read_dicom_datasets, read_seg_label
+from bundle.dicom import read_dicom_datasets
 from bundle.io import Case, InvalidReferenceError, Volume, check_target, read_label_volume, read_volume, to_class_index
+from bundle.seg import is_seg, read_seg_label
 from bundle.transforms import scale_intensity
 
 __all__ = ["ReferenceSlice", "check_reference", "reference_names"]

@@ -247,7 +247,8 @@ def _broken_study(ds):  # a type-1 attribute missing: no SEG can be written for 
 def dicom_run(tmp_path_factory):
     """A DICOM cohort: the reference labelled by a DICOM SEG (no label names in dataset.json), and targets that are
     MONOCHROME1 (p1), de-identified (p2) and without StudyInstanceUID (p3, its SEG cannot be written)."""
-    from bundle.dicom import read_dicom_datasets, write_dicom_seg
+    from bundle.dicom import read_dicom_datasets
+    from bundle.seg import write_dicom_seg
 
     tmp_path = tmp_path_factory.mktemp("dicom")
     root = tmp_path / "data"

@@ -8,15 +8,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from bundle.dicom import (
-    ALGORITHM_NAME,
-    SERIES_DESCRIPTION,
-    dicom_pixels,
-    read_dicom_datasets,
-    read_dicom_series,
-    sort_slices,
-    write_dicom_seg,
-)
+from bundle.dicom import dicom_pixels, read_dicom_datasets, read_dicom_series, sort_slices
+from bundle.seg import ALGORITHM_NAME, SERIES_DESCRIPTION, write_dicom_seg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS, COLS, SLICES = 96, 128, 3
