@@ -89,7 +89,7 @@ class OneShotInferTask(InferTask):
                 raise ValueError(f"{path}: {target.error}")
             loaded = time.time()
             with torch.no_grad():
-                label, _ = parts["inferer"](target, model, parts["store"])
+                label = parts["inferer"](target, model, parts["store"])[0]
         done = time.time()
         suffix = ".png" if output_name(target.case).endswith(".png") else ".nii.gz"
         out = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
