@@ -24,6 +24,9 @@ from pydicom.dataset import Dataset
 
 __all__ = [
     "read_dicom_series",
+    "check_image",
+    "dataset_name",
+    "num_frames",
     "read_dicom_datasets",
     "sort_slices",
     "dicom_pixels",
@@ -32,17 +35,19 @@ __all__ = [
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
-def _name(ds: Dataset) -> str:
+def dataset_name(ds: Dataset) -> str:
     filename = getattr(ds, "filename", None)
     return str(filename) if isinstance(filename, (str, os.PathLike)) else f"dataset {ds.get('SOPInstanceUID', '?')}"
 
 
-def _check_image(ds: Dataset) -> None:
+def check_image(ds: Dataset) -> None:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = ds.SOPClassUID.name if "SOPClassUID" in ds else "unknown SOP class"
-        raise ValueError(f"{_name(ds)}: not an image ({kind}, no pixel data); a DICOM image or series is required")
+        raise ValueError(
+            f"{dataset_name(ds)}: not an image ({kind}, no pixel data); a DICOM image or series is required"
+        )
     if "Rows" not in ds or "Columns" not in ds:
-        raise ValueError(f"{_name(ds)}: pixel data without Rows/Columns is not supported")
+        raise ValueError(f"{dataset_name(ds)}: pixel data without Rows/Columns is not supported")
 
 
 def _read(path: str, check: bool = True) -> Dataset:
@@ -51,11 +56,11 @@ def _read(path: str, check: bool = True) -> Dataset:
     except (pydicom.errors.InvalidDicomError, OSError, EOFError) as err:
         raise ValueError(f"{path}: not a readable DICOM file ({err})") from err
     if check:
-        _check_image(ds)
+        check_image(ds)
     return ds
 
 
-def _frames(ds: Dataset) -> int:
+def num_frames(ds: Dataset) -> int:
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
@@ -76,7 +81,7 @@ def sort_slices(datasets: Sequence[Dataset], by: str = "position") -> list[Datas
     if by == "position" and geometric:
         for d in items:
             if not np.allclose(_normal(d), normal, atol=1e-4):
-                raise ValueError(f"{_name(d)}: slice orientation differs from the rest of the series")
+                raise ValueError(f"{dataset_name(d)}: slice orientation differs from the rest of the series")
         return sorted(items, key=lambda d: float(np.dot(np.asarray(d.ImagePositionPatient, float), normal)))
     if all("InstanceNumber" in d and d.InstanceNumber is not None for d in items):
         return sorted(items, key=lambda d: int(d.InstanceNumber))
@@ -100,16 +105,16 @@ def read_dicom_datasets(path: str, by: str = "position") -> list[Dataset]:
         ds = _read(file, check=False)
         if getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID") == _MEDIA_DIRECTORY:
             continue
-        _check_image(ds)
+        check_image(ds)
         datasets.append(ds)
     if not datasets:
         raise ValueError(f"{path}: no DICOM image in this folder")
     series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise ValueError(f"{path}: holds {len(series)} series ({', '.join(sorted(series))}); one series is required")
-    if len(datasets) > 1 and any(_frames(d) > 1 for d in datasets):
-        multi = next(d for d in datasets if _frames(d) > 1)
-        raise ValueError(f"{_name(multi)}: a multi-frame file must be the only image of its folder")
+    if len(datasets) > 1 and any(num_frames(d) > 1 for d in datasets):
+        multi = next(d for d in datasets if num_frames(d) > 1)
+        raise ValueError(f"{dataset_name(multi)}: a multi-frame file must be the only image of its folder")
     shapes = {(int(d.Rows), int(d.Columns)) for d in datasets}
     if len(shapes) > 1:
         raise ValueError(f"{path}: slices of different sizes {sorted(shapes)}")
@@ -138,7 +143,7 @@ def dicom_pixels(datasets: Dataset | Sequence[Dataset]) -> np.ndarray:
         raise ValueError("no DICOM dataset given")
     slices = []
     for ds in items:
-        _check_image(ds)
+        check_image(ds)
         arr = np.asarray(ds.pixel_array)
         colour = int(ds.get("SamplesPerPixel", 1)) > 1
         if arr.ndim == (3 if colour else 2):

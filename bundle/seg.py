@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from bundle.dicom import _check_image, _frames, _name
+from bundle.dicom import check_image, dataset_name, num_frames
 
 __all__ = [
     "ALGORITHM_NAME",
@@ -58,15 +58,15 @@ def _classes(class_names: Mapping[int, str] | Sequence[str]) -> list[tuple[int, 
 
 def _check_sources(sources: Sequence[Dataset]) -> None:
     for ds in sources:
-        _check_image(ds)
+        check_image(ds)
         if ds.get("SOPClassUID") == pydicom.uid.SegmentationStorage:
-            raise ValueError(f"{_name(ds)}: is a DICOM Segmentation, not an image to segment")
-        if _frames(ds) > 1 and not (ds.get("SharedFunctionalGroupsSequence") and "FrameOfReferenceUID" in ds):
+            raise ValueError(f"{dataset_name(ds)}: is a DICOM Segmentation, not an image to segment")
+        if num_frames(ds) > 1 and not (ds.get("SharedFunctionalGroupsSequence") and "FrameOfReferenceUID" in ds):
             raise ValueError(
-                f"{_name(ds)}: multi-frame {ds.SOPClassUID.name if 'SOPClassUID' in ds else 'image'} without "
+                f"{dataset_name(ds)}: multi-frame {ds.SOPClassUID.name if 'SOPClassUID' in ds else 'image'} without "
                 "functional groups or frame of reference is not supported (enhanced multi-frame images are)"
             )
-    if len(sources) > 1 and any(_frames(ds) > 1 for ds in sources):
+    if len(sources) > 1 and any(num_frames(ds) > 1 for ds in sources):
         raise ValueError("a multi-frame source must be given alone, not within a list of slices")
 
 
@@ -124,7 +124,7 @@ def write_dicom_seg(
     label = np.asarray(label)
     if label.ndim == 2:
         label = label[None]
-    n_frames = sum(_frames(ds) for ds in items)
+    n_frames = sum(num_frames(ds) for ds in items)
     rows, cols = int(items[0].Rows), int(items[0].Columns)
     if label.ndim != 3 or label.shape != (n_frames, rows, cols):
         raise ValueError(f"label of shape {label.shape} does not match the sources' ({n_frames}, {rows}, {cols})")
@@ -169,7 +169,9 @@ def write_dicom_seg(
             series_description=SERIES_DESCRIPTION,
         )
     except (ValueError, AttributeError, TypeError, KeyError) as err:
-        raise ValueError(f"{_name(items[0])}: cannot write a DICOM Segmentation for this source ({err})") from err
+        raise ValueError(
+            f"{dataset_name(items[0])}: cannot write a DICOM Segmentation for this source ({err})"
+        ) from err
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".part"
@@ -200,8 +202,8 @@ def read_seg_label(path: str, sources: Sequence[Dataset]) -> tuple[np.ndarray, d
     names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
     options = dict(combine_segments=True, assert_missing_frames_are_empty=True, skip_overlap_checks=True)
     try:
-        if len(sources) == 1 and _frames(sources[0]) > 1:
-            frames = list(range(1, _frames(sources[0]) + 1))
+        if len(sources) == 1 and num_frames(sources[0]) > 1:
+            frames = list(range(1, num_frames(sources[0]) + 1))
             pixels = seg.get_pixels_by_source_frame(sources[0].SOPInstanceUID, frames, **options)
         else:
             pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in sources], **options)
