@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,13 @@ class MetricsWriter:
         write_tables(self.output_dir, engine.state.rows, engine.errors, engine.model.class_names)
 
 
+def _most_common(names: np.ndarray | None, num_classes: int) -> list[str]:
+    """Per class, the source that served most slices of a target, from (S, C) names ('' where unknown)."""
+    if names is None or not len(names):
+        return [""] * num_classes
+    return [Counter(col).most_common(1)[0][0] for col in np.asarray(names).reshape(-1, num_classes).T]
+
+
 class ReviewFlags:
     """Which targets a person should check (``bundle.qc``): per target and class the serving source, SAM's predicted
     IoU, the locator's support, whether it was found, its area relative to the reference's, a confidence and
@@ -85,6 +93,7 @@ class ReviewFlags:
     def _start(self, engine: Engine) -> None:
         self.ids: list[str] = []
         self.signals: dict[str, list[np.ndarray]] = {"iou": [], "support": [], "area": []}
+        self.sources: list[list[str]] = []
 
     def _collect(self, engine: Engine) -> None:
         out, num_classes = engine.state.output, engine.model.num_classes
@@ -96,14 +105,16 @@ class ReviewFlags:
                 mean = np.full(num_classes, np.nan) if values is None or not len(values) else np.nanmean(values, 0)
             self.signals[name].append(mean)
         self.signals["area"].append(area_fractions(out["label"], num_classes))
+        self.sources.append(_most_common(out["signals"].get("source"), num_classes))
 
     def _write(self, engine: Engine) -> None:
         model = engine.model
-        sources = model.class_sources()
+        cohort = model.class_sources()
+        sources = [[s or cohort[c] for c, s in enumerate(row)] for row in self.sources]
         iou, support, area = (
             np.array(self.signals[k]).reshape(-1, model.num_classes) for k in ("iou", "support", "area")
         )
-        iou[:, [s == "registration" for s in sources]] = np.nan  # no SAM mask: the warped label itself
+        iou[np.array(sources, dtype=object).reshape(iou.shape) == "registration"] = np.nan  # the warped label itself
         area = area / np.maximum(model.reference_areas(), 1e-12)
         found = area > 0
         conf = confidence(iou, area, found, support)
@@ -118,7 +129,7 @@ class ReviewFlags:
                     {
                         "id": self.ids[i],
                         "class": name,
-                        "source": sources[c],
+                        "source": sources[i][c],
                         "sam_iou": iou[i, c],
                         "locator_support": support[i, c],
                         "found": bool(found[i, c]),

@@ -44,10 +44,12 @@ class OneShotInferer(Inferer):
     ) -> tuple[np.ndarray, dict[str, list[int]], dict[str, np.ndarray]]:
         """The label map (Z, H, W); per slice key, the indices of classes no prompt was found for; and per segmented
         slice and class (S, C) the review signals ``iou`` (SAM's predicted IoU) and ``support`` (the locator's),
-        NaN where the class was not found or the source gives none."""
+        NaN where the class was not found or the source gives none, and ``source`` (the source that served it, ''
+        where the model's source does not say)."""
         label = np.zeros(inputs.shape, np.int64)
         missing: dict[str, list[int]] = {}
         signals: dict[str, list[np.ndarray]] = {"iou": [], "support": []}
+        sources: list[list[str]] = []
         for z, key in enumerate(inputs.keys):
             if key is None:
                 continue
@@ -57,7 +59,10 @@ class OneShotInferer(Inferer):
             for name, value in (("iou", pred.iou), ("support", pred.support)):
                 value = np.full(len(found), np.nan) if value is None else value.float().numpy()
                 signals[name].append(np.where(found, value, np.nan))
+            sources.append(pred.sources or [""] * len(found))
             if not found.all():
                 missing[key] = np.flatnonzero(~found).tolist()
         shape = (-1, network.num_classes)
-        return label, missing, {k: np.array(v, dtype=float).reshape(shape) for k, v in signals.items()}
+        out = {k: np.array(v, dtype=float).reshape(shape) for k, v in signals.items()}
+        out["source"] = np.array(sources, dtype=object).reshape(shape)
+        return label, missing, out

@@ -24,6 +24,7 @@ class Prediction:
     found: torch.Tensor = field(default=None)  # type: ignore[assignment]
     prompts: Prompts | None = None  # the first-pass prompts, kept for pictures
     support: torch.Tensor | None = None  # (C,) how much the locator backs each class's mask (``candidates.support``)
+    sources: list[str] | None = None  # per class, the source that served it in this image (a fusing source's choice)
 
     def __post_init__(self):
         if self.found is None:

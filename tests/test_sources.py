@@ -307,3 +307,28 @@ def test_fused_finds_a_structure_twice_or_half_the_reference_size_and_reports_an
     for (key, (_, truth)), pred in zip(targets[:4], preds[:4]):
         assert _dice(pred.label() == 1, truth == 1) > 0.8, (key, state.decisions)
     assert not preds[4].found[0] or not (preds[4].label() == 1).any()
+
+
+def test_fused_takes_the_locators_mask_in_the_one_image_where_the_cohorts_warp_lost_the_structure(lite_medsam):
+    size = (128, 160)
+    rng = np.random.default_rng(2)
+
+    def case(centre, radius=14):
+        label = disk(size, centre, radius).astype(np.int64)
+        image = 40 + 10 * rng.standard_normal(size) + label * (150 + 20 * np.sin(np.arange(size[1]) / 2.0))
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case((40, 45))
+    centres = [(41, 46), (42, 44), (39, 47), (40, 43), (95, 125)]  # the last one moved far away
+    targets = [(f"t{i}", case(c)) for i, c in enumerate(centres)]
+    source = _fused(lite_medsam)
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
+    state = source.fit(reference, cohort)
+    assert [d.source for d in state.decisions] == ["warp"], state.decisions  # the cohort keeps the warp
+    preds = [source.predict(state, k, img, store) for k, (img, _) in targets]
+    assert [p.sources for p in preds] == [["warp"]] * 4 + [["classifier"]], [p.sources for p in preds]
+    for (key, (_, truth)), pred in zip(targets, preds):
+        assert _dice(pred.label() == 1, truth == 1) > 0.8, key
+    source.switch_margin = None  # the cohort's choice alone loses the moved structure
+    key, (image, truth) = targets[-1]
+    assert _dice(source.predict(state, key, image, store).label() == 1, truth == 1) < 0.5

@@ -73,9 +73,18 @@ class ClassifierSource(Source):
         feats = store.features(key, image)
         return state(feats, tuple(feats.shape[1:]))
 
-    def predict(self, state: PatchClassifier, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+    def predict(
+        self,
+        state: PatchClassifier,
+        key: str,
+        image: np.ndarray,
+        store: EmbeddingStore,
+        probs: torch.Tensor | None = None,
+    ) -> Prediction:
+        """``probs`` (C + 1, H, W): the class probabilities of ``image`` where already computed."""
         embedding = store.embedding(key, image)
-        probs = PatchClassifier.upsample(self.grid(state, key, image, store), embedding.original_size)
+        if probs is None:
+            probs = PatchClassifier.upsample(self.grid(state, key, image, store), embedding.original_size)
         return self.decoder.from_regions(embedding, probs)
 
     def state_dict(self, state: PatchClassifier) -> dict[str, Any]:

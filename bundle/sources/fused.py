@@ -5,10 +5,13 @@ median correlation of the warped reference with the image around the structure (
 agreement means the anatomy sits where the warp puts it (chest X-rays) and the warp's mask prompt gives SAM the
 better outline; low agreement means the structure moves or changes size (lesions, fetal heads) and the warp lost
 it, unless the warp's own similarity shows it found the structure and the classifier is the one that is wrong.
-Last, where SAM itself is unsure of the chosen source's masks (median predicted IoU over the cohort below
+Where SAM itself is unsure of the chosen source's masks (median predicted IoU over the cohort below
 ``sam_confidence``: low-contrast, speckled images such as echocardiography), the warped label itself serves the class
 when the locator supports it at least as much, or when the class is a wall around another in the reference (SAM
-outlines filled regions, not rings).
+outlines filled regions, not rings). Last, per image, a class the warp serves takes the locator's own SAM mask
+instead where the locator supports that one clearly more (``switch_margin``): the warp can lose a structure in single
+images of a cohort where it otherwise finds it. (Switching away from the fallback too helped PH2 and Kvasir but
+lowered HC18 on the tuning splits.)
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class FusedSource(Source):
         sam_confidence: a class whose chosen source's masks have a median SAM-predicted IoU below this over the
             cohort (at most ``confidence_sample`` images) is served by the warped label itself (None: never).
         confidence_sample: images the fallback's predicted IoU is measured on.
+        switch_margin: per image, a class the warp serves with SAM takes the locator's SAM mask instead where that
+            one's ``support`` is higher by more than this (None: never).
         absent_margin / absent_support: in one image, a class whose SAM mask is predicted ``absent_margin`` below the
             class's median IoU and that the locator does not support (``support`` below ``absent_support``) is
             reported not found instead of returning a doubtful mask (None: never; off by default: on JSRT it dropped
@@ -99,6 +104,7 @@ class FusedSource(Source):
         warp_similarity: float | None = 0.7,
         sam_confidence: float | None = 0.8,
         confidence_sample: int = 16,
+        switch_margin: float | None = 0.25,
         absent_margin: float | None = None,
         absent_support: float = 0.3,
     ):
@@ -106,6 +112,7 @@ class FusedSource(Source):
         self.agreement, self.warp_similarity = float(agreement), warp_similarity
         self.sam_confidence, self.confidence_sample = sam_confidence, int(confidence_sample)
         self.absent_margin, self.absent_support = absent_margin, float(absent_support)
+        self.switch_margin = switch_margin
 
     def decide(
         self, warped: list[Prediction], located: list[Prediction], similarity: torch.Tensor | None
@@ -192,18 +199,44 @@ class FusedSource(Source):
         use, label = state.use_primary, state.use_registration
         sam = ~label
         soft = self.primary.warped(state.primary, image) if (use | label).any() else None
-        warped = None
+        pred = None
         if (use & sam).any():
-            warped = self.primary.from_warped(soft, key, image, store, state.primary.prototypes, state.primary.parts)
+            pred = self.primary.from_warped(soft, key, image, store, state.primary.prototypes, state.primary.parts)
         if (~use & sam).any():
             other = self._other(state, key, image, store)
-            warped = other if warped is None else combine(use, warped, other)
+            pred = other if pred is None else combine(use, pred, other)
+        sources = [d.source for d in state.decisions]
+        probs = self._located(state, key, image, store)
+        if self.switch_margin is not None and (use & sam).any():
+            pred, sources = self.switch(state, pred, sources, probs, key, image, store)
         if label.any():
             itself = registered(soft, image.shape[:2])
-            warped = itself if warped is None else combine(label, itself, warped)
-        pred = self.absent(state, warped, key, image, store)
-        pred.support = _supports(self._located(state, key, image, store), pred)
+            pred = itself if pred is None else combine(label, itself, pred)
+        pred = self.absent(state, pred, key, image, store)
+        pred.support = _supports(probs, pred)
+        pred.sources = sources
         return pred
+
+    def switch(
+        self,
+        state: FusedState,
+        pred: Prediction,
+        sources: list[str],
+        probs: torch.Tensor,
+        key: str,
+        image: np.ndarray,
+        store: EmbeddingStore,
+    ) -> tuple[Prediction, list[str]]:
+        """Per class the warp serves with SAM, the locator's own SAM mask instead of ``pred``'s where the locator's
+        probabilities ``probs`` (C + 1, H, W) support it more than ``switch_margin`` better (the warp lost the structure
+        in this image); and the per-class source names after the switch."""
+        located = self.locator.predict(state.locator, key, image, store, probs)
+        gain = _supports(probs, located) - _supports(probs, pred)
+        switch = (gain > self.switch_margin) & state.use_primary & ~state.use_registration
+        if not switch.any():
+            return pred, sources
+        sources = [self.locator.kind if switch[c] else s for c, s in enumerate(sources)]
+        return combine(switch, located, pred), sources
 
     def absent(
         self, state: FusedState, pred: Prediction, key: str, image: np.ndarray, store: EmbeddingStore
@@ -229,6 +262,11 @@ class FusedSource(Source):
             "primary": save_source(self.primary, state.primary),
             "locator": save_source(self.locator, state.locator),
             "fallback": None if state.fallback is None else save_source(self.fallback, state.fallback),
+            "settings": {
+                "switch_margin": self.switch_margin,
+                "absent_margin": self.absent_margin,
+                "absent_support": self.absent_support,
+            },
         }
 
     @classmethod
@@ -241,4 +279,5 @@ class FusedSource(Source):
         if state["fallback"] is not None:
             fallback, fallback_state = load_source(state["fallback"], reference, store, device)
         decisions = [Decision(**d) for d in state["decisions"]]
-        return cls(primary, locator, fallback), FusedState(decisions, primary_state, locator_state, fallback_state)
+        source = cls(primary, locator, fallback, **state.get("settings", {"switch_margin": None}))
+        return source, FusedState(decisions, primary_state, locator_state, fallback_state)
