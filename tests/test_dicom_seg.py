@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from bundle.dicom import dicom_pixels, read_dicom_datasets, read_dicom_series, sort_slices
+from bundle.dicom import dicom_pixels, read_dicom_datasets, read_dicom_volume, sort_slices
 from bundle.seg import ALGORITHM_NAME, SERIES_DESCRIPTION, write_dicom_seg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +146,7 @@ def test_single_frame_seg_reads_back_and_overlays(tmp_path, name):
 def test_slices_sorted_along_the_normal(tmp_path):
     made = _make_series(tmp_path / "series")
     (tmp_path / "series" / "README.txt").write_text("not DICOM, skipped")
-    datasets, volume = read_dicom_series(str(tmp_path / "series"))
+    volume, datasets, _ = read_dicom_volume(str(tmp_path / "series"))
 
     assert [d.SOPInstanceUID for d in datasets] == [d.SOPInstanceUID for d in made]
     positions = [np.asarray(d.ImagePositionPatient, float) @ NORMAL for d in datasets]
@@ -166,7 +166,7 @@ def test_slices_sorted_along_the_normal(tmp_path):
 
 def test_series_seg_frames_point_to_their_slices(tmp_path):
     made = _make_series(tmp_path / "series")  # in position order, as the label
-    datasets, _ = read_dicom_series(str(tmp_path / "series"))
+    _, datasets, _ = read_dicom_volume(str(tmp_path / "series"))
     label = _series_label()
     path = write_dicom_seg(label, datasets, ["organ", "lesion"], str(tmp_path / "seg.dcm"), version="9.9")
 
@@ -213,7 +213,7 @@ def test_multi_frame_source(tmp_path):
         instance_number=1,
     )
     enhanced.save_as(tmp_path / "enhanced.dcm")
-    datasets, volume = read_dicom_series(str(tmp_path / "enhanced.dcm"))
+    volume, datasets, _ = read_dicom_volume(str(tmp_path / "enhanced.dcm"))
 
     assert len(datasets) == 1 and int(datasets[0].NumberOfFrames) == SLICES
     source = datasets[0]
@@ -262,7 +262,7 @@ def test_empty_label_writes_empty_frames(tmp_path):
 def test_unsupported_inputs_raise_naming_the_file(tmp_path):
     report = get_testdata_file("test-SR.dcm")
     with pytest.raises(ValueError, match="test-SR.dcm.*no pixel data"):
-        read_dicom_series(report)
+        read_dicom_volume(report)
     with pytest.raises(ValueError, match="test-SR.dcm"):
         write_dicom_seg(np.zeros((4, 4), np.uint8), pydicom.dcmread(report), ["a"], str(tmp_path / "s.dcm"))
     dose = get_testdata_file("rtdose.dcm")
