@@ -116,7 +116,7 @@ class Target:
     keys: list[str | None] = field(default_factory=list)
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     # DICOM input cut across its files: the source datasets (pixel data dropped) in slice order; a SEG is written
-    dicom_sources: list[DicomDataset] | None = None
+    dicom_sources: list[DicomDataset] | None = field(default=None, repr=False)
     error: str | None = None
     done: bool = False  # its outputs are on disk from an earlier run of the same job
 

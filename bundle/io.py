@@ -106,7 +106,7 @@ class Volume:
     kind: str  # raster | nifti | dicom | other
     axis: int | None = None
     spatial_shape: tuple[int, ...] = ()
-    dicom_sources: list[Dataset] | None = None
+    dicom_sources: list[Dataset] | None = field(default=None, repr=False)
 
     @property
     def is_3d(self) -> bool:

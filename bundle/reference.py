@@ -103,7 +103,7 @@ def _seg_label(case: Case, volume: Volume) -> np.ndarray:
     if volume.kind != "dicom":
         raise ValueError("a DICOM SEG can only label a DICOM reference image")
     if volume.dicom_sources is None:
-        raise ValueError(f"the DICOM files of {case.image_path} could not be read in slice order (see the log)")
+        raise ValueError(f"pydicom cannot read the slices of {case.image_path} (see the log) to match its SEG to them")
     if volume.axis != 2:
         raise ValueError(f"{case.image_path} is cut along axis {volume.axis}, not across its DICOM slices")
     label, _ = read_seg_label(case.label_path, volume.dicom_sources)
