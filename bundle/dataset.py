@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 from monai.data import Dataset
 from monai.transforms import Transform
+from pydicom.dataset import Dataset as DicomDataset
 
 from bundle.demo import make_demo_dataset
-from bundle.dicom import read_dicom_series
 from bundle.io import IMAGE_EXTS, Case, InvalidReferenceError, Volume, case_id, read_target
 from bundle.transforms import scale_intensity, shrink
 
@@ -24,7 +24,6 @@ __all__ = [
     "ImageDataset",
     "PrepareTarget",
     "Target",
-    "dicom_order",
     "load_datalist",
     "load_folder",
 ]
@@ -116,29 +115,20 @@ class Target:
     shape: tuple[int, int, int] = (0, 0, 0)  # (Z, H, W) of the input
     keys: list[str | None] = field(default_factory=list)
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    dicom_order: int | None = None  # set for DICOM input whose files line up with the slices: a SEG is written
+    # DICOM input cut across its files: the source datasets (pixel data dropped) in slice order; a SEG is written
+    dicom_sources: list[DicomDataset] | None = field(default=None, repr=False)
     error: str | None = None
     done: bool = False  # its outputs are on disk from an earlier run of the same job
 
 
-def dicom_order(path: str, volume: Volume) -> int | None:
-    """How the DICOM files behind ``volume`` line up with its slices: 1 (as read by ``read_dicom_datasets``), -1
-    (reversed), or None when they cannot be matched (no DICOM SEG is written then)."""
-    try:
-        _, pixels = read_dicom_series(path)
-    except ValueError as e:
-        logger.warning("no DICOM SEG for %s (NIfTI only): %s", path, e)
-        return None
-    raw = volume.slices
-    scale = max(float(raw.max() - raw.min()), 1e-6)
-    for step in (1, -1):
-        # decoders of compressed files may differ by a grey level or two: compare within 1 % of the range; and
-        # without the mean, as readers invert MONOCHROME1 about different offsets
-        if pixels.shape == raw.shape:
-            a, b = pixels[::step], raw
-            if float(np.abs((a - a.mean()) - (b - b.mean())).mean()) < 0.01 * scale:
-                return step
-    logger.warning("no DICOM SEG for %s (NIfTI only): its slices do not match the files' pixel data", path)
+def _slice_sources(path: str, volume: Volume) -> list[DicomDataset] | None:
+    """The DICOM datasets behind the slices of ``volume``, in slice order: its source datasets when it is cut along
+    z (across the files, or across the frames of a multi-frame file), else None."""
+    if volume.dicom_sources is None or volume.axis == 2:
+        return volume.dicom_sources
+    logger.warning(
+        "no DICOM SEG for %s (NIfTI only): cut along axis %s, not across its DICOM slices", path, volume.axis
+    )
     return None
 
 
@@ -166,7 +156,7 @@ class PrepareTarget(Transform):
             return Target(case, error=problem)
         case.meta = volume.meta
         target = Target(case, volume, volume.slices.shape[:3])
-        target.dicom_order = dicom_order(case.image_path, volume) if volume.kind == "dicom" else None
+        target.dicom_sources, volume.dicom_sources = _slice_sources(case.image_path, volume), None
         slices = scale_intensity(volume.slices, self.window)
         volume.slices = np.empty((len(slices), 0, 0), np.float32)
         for z, img in enumerate(slices):

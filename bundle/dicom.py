@@ -11,28 +11,43 @@ Slice order (the ``Z`` axis of every (Z, H, W) array here):
 
 ``H`` and ``W`` are the DICOM rows and columns: pixel (r, c) lies at
 ``ImagePositionPatient + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * column_direction``.
+
+``read_dicom_volume`` is the one pass over a DICOM input: pixels, source datasets (pixel data dropped, for the SEG)
+and the affine of the MONAI-layout (x = column, y = row, z = slice) array, in MONAI ``ITKReader``'s convention.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 __all__ = [
-    "read_dicom_series",
+    "read_dicom_volume",
     "check_image",
     "dataset_name",
     "num_frames",
     "read_dicom_datasets",
     "sort_slices",
     "dicom_pixels",
+    "dicom_affine",
+    "drop_pixels",
 ]
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+_PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# the image pixel description every image keeps once ``drop_pixels`` took its pixel data
+_PIXEL_HEADER = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+# projection radiography (CR, DX, MG, IO, XA, XRF and their enhanced forms): ITK takes the detector's
+# ImagerPixelSpacing as the pixel spacing of these
+_IMAGER_SPACING_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1." + s
+    for s in ("1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "1.3.1", "12.1", "12.1.1", "12.2", "12.2.1")
+}
 
 
 def dataset_name(ds: Dataset) -> str:
@@ -40,8 +55,11 @@ def dataset_name(ds: Dataset) -> str:
     return str(filename) if isinstance(filename, (str, os.PathLike)) else f"dataset {ds.get('SOPInstanceUID', '?')}"
 
 
-def check_image(ds: Dataset) -> None:
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+def check_image(ds: Dataset, pixels: bool = True) -> None:
+    """Raise ``ValueError`` unless ``ds`` is an image: pixel data (``pixels=False``: pixel data, or the image pixel
+    description a dataset keeps once ``drop_pixels`` took its pixel data), Rows and Columns."""
+    header = not pixels and all(k in ds for k in _PIXEL_HEADER)
+    if not header and not any(k in ds for k in _PIXEL_DATA):
         kind = ds.SOPClassUID.name if "SOPClassUID" in ds else "unknown SOP class"
         raise ValueError(
             f"{dataset_name(ds)}: not an image ({kind}, no pixel data); a DICOM image or series is required"
@@ -159,7 +177,90 @@ def dicom_pixels(datasets: Dataset | Sequence[Dataset]) -> np.ndarray:
     return np.stack(slices)
 
 
-def read_dicom_series(path: str, by: str = "position") -> tuple[list[Dataset], np.ndarray]:
-    """``read_dicom_datasets`` and ``dicom_pixels`` together: the sources in slice order and their volume."""
-    datasets = read_dicom_datasets(path, by)
-    return datasets, dicom_pixels(datasets)
+def drop_pixels(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data, in place (the decoded array pydicom keeps goes with it); returned for chaining.
+    What remains is the header a DICOM SEG is written over (``check_image(ds, pixels=False)`` accepts it)."""
+    for keyword in _PIXEL_DATA:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+def _frame_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
+    """``keyword`` for one frame: from its per-frame functional group's ``sequence``, the shared group's, else the
+    top level; None when absent."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    for group in ([per_frame[frame]] if frame < len(per_frame) else []) + list(shared[:1]):
+        items = group.get(sequence)
+        if items and items[0].get(keyword) is not None:
+            return items[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
+    """(row spacing, column spacing) in mm; (1, 1) when the file gives none."""
+    spacing = _frame_value(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
+    if str(ds.get("SOPClassUID", "")) in _IMAGER_SPACING_CLASSES:
+        spacing = ds.get("ImagerPixelSpacing") or spacing
+    if spacing is None or len(spacing) != 2 or min(float(v) for v in spacing) <= 0:
+        return 1.0, 1.0
+    return float(spacing[0]), float(spacing[1])
+
+
+def dicom_affine(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
+    """The 4x4 RAS affine of the (x = column, y = row, z = slice) array of ``datasets`` (as ``read_dicom_datasets``
+    orders them) and its (x, y, z) spacing, as MONAI's ``ITKReader`` gives them.
+
+    Origin: the first slice's ImagePositionPatient (0 without it). Directions: ImageOrientationPatient's row and
+    column directions and their cross product (identity without it). Spacing: PixelSpacing (ImagerPixelSpacing for
+    projection radiographs; 1 without it); along z, the distance between the first and the last slice over the
+    number of gaps, pointing the normal towards the last slice; for one slice, or slices without positions,
+    SpacingBetweenSlices (else 1). LPS to RAS: the first two rows negated.
+    """
+    first = datasets[0]
+    n = sum(num_frames(d) for d in datasets)
+    if len(datasets) == 1:
+        positions = [_frame_value(first, f, "PlanePositionSequence", "ImagePositionPatient") for f in range(n)]
+    else:
+        positions = [d.get("ImagePositionPatient") for d in datasets]
+    iop = _frame_value(first, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
+    row, col = (np.asarray(iop[:3], float), np.asarray(iop[3:], float)) if iop and len(iop) == 6 else np.eye(3)[:2]
+    normal = np.cross(row, col)
+    origin = np.asarray(positions[0], float) if positions[0] and len(positions[0]) == 3 else np.zeros(3)
+    row_spacing, col_spacing = _pixel_spacing(first)
+    gap = _frame_value(first, 0, "PixelMeasuresSequence", "SpacingBetweenSlices")
+    z_spacing, z_dir = (float(gap) if gap and float(gap) > 0 else 1.0), normal
+    ends = [positions[0], positions[-1]]
+    if n > 1 and all(p and len(p) == 3 for p in ends):
+        span = np.asarray(ends[1], float) - np.asarray(ends[0], float)
+        if np.linalg.norm(span) > 1e-6:
+            z_spacing = float(np.linalg.norm(span)) / (n - 1)
+            z_dir = -normal if float(span @ normal) < 0 else normal
+    affine = np.eye(4)
+    affine[:3, :3] = np.stack([row * col_spacing, col * row_spacing, z_dir * z_spacing], axis=1)
+    affine[:3, 3] = origin
+    affine[:2] *= -1
+    return affine, np.array([col_spacing, row_spacing, z_spacing])
+
+
+def read_dicom_volume(path: str) -> tuple[np.ndarray, list[Dataset], dict[str, Any]]:
+    """Read a DICOM file, multi-frame file or series folder once: its float32 (Z, H, W) or (Z, H, W, 3) pixels in
+    slice order (``dicom_pixels``), its source datasets in the same order with their pixel data dropped, and MONAI
+    metadata of the (C, x = column, y = row, z = slice) array: ``affine`` and ``original_affine`` (``dicom_affine``),
+    ``spacing``, ``spatial_shape`` (W, H, Z), ``space``, ``original_channel_dim`` and ``filename_or_obj``."""
+    datasets = read_dicom_datasets(path)
+    pixels = dicom_pixels(datasets)
+    affine, spacing = dicom_affine(datasets)
+    for ds in datasets:
+        drop_pixels(ds)
+    meta = {
+        "affine": affine,
+        "original_affine": affine.copy(),
+        "spacing": spacing,
+        "spatial_shape": np.array([pixels.shape[2], pixels.shape[1], pixels.shape[0]]),
+        "space": "RAS",
+        "original_channel_dim": -1 if pixels.ndim == 4 else "no_channel",
+        "filename_or_obj": path,
+    }
+    return pixels, datasets, meta

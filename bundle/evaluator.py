@@ -12,7 +12,6 @@ import numpy as np
 from ignite.engine import Engine
 
 from bundle.dataset import Target
-from bundle.dicom import read_dicom_datasets
 from bundle.inferer import OneShotInferer
 from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
 from bundle.model import OneShotModel
@@ -28,7 +27,7 @@ def output_paths(output_dir: str, target: Target) -> list[str]:
     """Where a target's outputs go: its label map, and a DICOM SEG for DICOM input that lines up with its files."""
     pred_dir = os.path.join(output_dir, "predictions")
     paths = [os.path.join(pred_dir, output_name(target.case))]
-    if target.dicom_order is not None:
+    if target.dicom_sources is not None:
         paths.append(os.path.join(pred_dir, f"{target.case.id}_seg.dcm"))
     return paths
 
@@ -79,10 +78,10 @@ class OneShotEvaluator(Engine):
         label, missing, signals = self.inferer(target, model, self.store)
         self.seconds += time.time() - start
         save_prediction(values[label], paths[0], target.volume)
-        if target.dicom_order is not None:
+        if target.dicom_sources is not None:
             try:
-                sources = read_dicom_datasets(target.case.image_path)[:: target.dicom_order]
-                write_dicom_seg(values[label], sources, dict(zip(model.class_values, model.class_names)), paths[1])
+                names = dict(zip(model.class_values, model.class_names))
+                write_dicom_seg(values[label], target.dicom_sources, names, paths[1])
             except Exception as e:  # noqa: BLE001 - one output that cannot be written never stops the others
                 logger.error("DICOM SEG of %s not written: %s", target.case.id, e)
                 self.errors.append({"id": target.case.id, "image": target.case.image_path, "error": f"SEG: {e}"})

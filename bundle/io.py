@@ -6,6 +6,7 @@ bundle works in numpy's (row, column) = (H, W) order. ``to_hw`` and ``from_hw`` 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from monai.data import ITKReader, NibabelReader, PILReader, PILWriter, PydicomReader
 from monai.transforms import LoadImage
+from pydicom.dataset import Dataset
 
 from bundle.console import quiet
+from bundle.dicom import read_dicom_volume
 
 __all__ = [
     "Case",
@@ -39,6 +42,8 @@ __all__ = [
     "case_id",
     "IMAGE_EXTS",
 ]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
@@ -91,7 +96,9 @@ class Volume:
     """An input image as a stack of 2D slices in numpy (row, column) order, plus what writing results back needs.
 
     A 2D input is a stack of one slice (``axis`` None). A 3D input (NIfTI volume, DICOM series or multi-frame file)
-    is cut along ``axis``, an index into the MONAI array's spatial axes (x, y, z).
+    is cut along ``axis``, an index into the MONAI array's spatial axes (x, y, z). A DICOM input read by
+    ``read_dicom_volume`` carries its source datasets (pixel data dropped) in the order of the z axis: one per file
+    of a series, or the one multi-frame dataset whose frames are the z slices.
     """
 
     slices: np.ndarray  # (Z, H, W) or (Z, H, W, 3), float32
@@ -99,6 +106,7 @@ class Volume:
     kind: str  # raster | nifti | dicom | other
     axis: int | None = None
     spatial_shape: tuple[int, ...] = ()
+    dicom_sources: list[Dataset] | None = field(default=None, repr=False)
 
     @property
     def is_3d(self) -> bool:
@@ -145,16 +153,31 @@ def _readers(path: str) -> tuple[str, list[str]]:
     return "other", ["itk"]
 
 
-def _load(path: str) -> tuple[torch.Tensor, dict[str, Any], str]:
-    """Channel-first MONAI array (C, x, y[, z]), its metadata and the input's kind."""
+def _load(path: str) -> tuple[np.ndarray, dict[str, Any], str, list[Dataset] | None]:
+    """Channel-first float32 MONAI array (C, x, y[, z]), its metadata, the input's kind and, for DICOM read in one
+    pydicom pass, the source datasets along z (None otherwise).
+
+    DICOM goes through ``read_dicom_volume``; what it cannot read (a folder of several series, pixel data without
+    a decoder, ...) falls back to MONAI's ITK and pydicom readers, without source datasets (no DICOM SEG).
+    """
     if not os.path.exists(path):
         raise FileNotFoundError("file not found")
     kind, readers = _readers(path)
     error: Exception | None = None
+    if kind == "dicom":
+        try:
+            pixels, sources, meta = read_dicom_volume(path)
+            # (Z, H, W[, 3]) -> (C, x, y, z): a view, so that cutting along z gives ``pixels`` back without a copy
+            arr = pixels.transpose(3, 2, 1, 0) if pixels.ndim == 4 else pixels.transpose(2, 1, 0)[None]
+            return arr, meta, kind, sources
+        except Exception as e:  # noqa: BLE001 - the MONAI readers may still read it
+            logger.warning("%s: read with MONAI's readers, without DICOM SEG output, because %s", path, e)
+            error = e
     for reader in readers:
         try:
             data = _loader(reader)(path)
-            return data, dict(getattr(data, "meta", {})), kind
+            arr = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
+            return arr, dict(getattr(data, "meta", {})), kind, None
         except Exception as e:  # noqa: BLE001 - try the next reader, report the first failure
             error = error or e
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -172,8 +195,7 @@ def _channels_last(arr: np.ndarray) -> np.ndarray:
 
 def read_volume(path: str, slice_axis: int = -1) -> Volume:
     """Read any supported input as a stack of (H, W[, 3]) float32 slices; 3D inputs are cut along ``slice_axis``."""
-    data, meta, kind = _load(path)
-    arr = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
+    arr, meta, kind, sources = _load(path)
     spatial = tuple(arr.shape[1:])
     if len(spatial) == 2:
         return Volume(to_hw(_channels_last(arr))[None], meta, kind, None, spatial)
@@ -182,7 +204,7 @@ def read_volume(path: str, slice_axis: int = -1) -> Volume:
     # a 2D image stored with a singleton axis (single-frame DICOM, one-slice NIfTI) is a one-slice stack along it
     axis = spatial.index(1) if 1 in spatial else slice_axis % 3
     stack = np.moveaxis(_channels_last(arr), axis, 0)  # (Z, p, q[, 3])
-    return Volume(np.ascontiguousarray(np.swapaxes(stack, 1, 2)), meta, kind, axis, spatial)
+    return Volume(np.ascontiguousarray(np.swapaxes(stack, 1, 2)), meta, kind, axis, spatial, sources)
 
 
 MIN_SIZE = 32

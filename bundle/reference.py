@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
-from bundle.dataset import dicom_order
-from bundle.dicom import read_dicom_datasets
 from bundle.io import Case, InvalidReferenceError, Volume, check_target, read_label_volume, read_volume, to_class_index
 from bundle.seg import is_seg, read_seg_label
 from bundle.transforms import scale_intensity
@@ -104,10 +102,11 @@ def _seg_label(case: Case, volume: Volume) -> np.ndarray:
     """A DICOM SEG reference label as (Z, H, W) segment numbers on the slices of the reference image as read."""
     if volume.kind != "dicom":
         raise ValueError("a DICOM SEG can only label a DICOM reference image")
-    order = dicom_order(case.image_path, volume)
-    if order is None:
-        raise ValueError(f"the files of {case.image_path} do not line up with its slices")
-    label, _ = read_seg_label(case.label_path, read_dicom_datasets(case.image_path)[::order])
+    if volume.dicom_sources is None:
+        raise ValueError(f"pydicom cannot read the slices of {case.image_path} (see the log) to match its SEG to them")
+    if volume.axis != 2:
+        raise ValueError(f"{case.image_path} is cut along axis {volume.axis}, not across its DICOM slices")
+    label, _ = read_seg_label(case.label_path, volume.dicom_sources)
     return label
 
 

@@ -58,7 +58,7 @@ def _classes(class_names: Mapping[int, str] | Sequence[str]) -> list[tuple[int, 
 
 def _check_sources(sources: Sequence[Dataset]) -> None:
     for ds in sources:
-        check_image(ds)
+        check_image(ds, pixels=False)  # the carried sources hold no pixel data (drop_pixels)
         if ds.get("SOPClassUID") == pydicom.uid.SegmentationStorage:
             raise ValueError(f"{dataset_name(ds)}: is a DICOM Segmentation, not an image to segment")
         if num_frames(ds) > 1 and not (ds.get("SharedFunctionalGroupsSequence") and "FrameOfReferenceUID" in ds):
