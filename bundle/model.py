@@ -94,9 +94,11 @@ class OneShotModel:
         if len(self.groups) == 1 and self.groups[0].classes == list(range(self.num_classes)):
             group = self.groups[0]
             pred = group.source.predict(group.state, key, image, store)
-            return Prediction(self.layouts[0].nest(pred.logits), pred.iou, pred.found, pred.prompts, pred.support)
+            nested = self.layouts[0].nest(pred.logits)
+            return Prediction(nested, pred.iou, pred.found, pred.prompts, pred.support, pred.sources)
         out = Prediction.empty(self.num_classes, tuple(image.shape[:2]))
         out.support = torch.full((self.num_classes,), float("nan"))
+        out.sources = [""] * self.num_classes
         for group, layout in zip(self.groups, self.layouts):
             pred = group.source.predict(group.state, key, image, store)
             out.logits[group.classes], out.iou[group.classes], out.found[group.classes] = (
@@ -106,6 +108,8 @@ class OneShotModel:
             )
             if pred.support is not None:
                 out.support[group.classes] = pred.support.float()
+            for i, c in enumerate(group.classes):
+                out.sources[c] = pred.sources[i] if pred.sources else group.source.kind
         return out
 
     def segment(self, key: str, image: np.ndarray, store: EmbeddingStore) -> tuple[np.ndarray, Prediction]:

@@ -76,11 +76,15 @@ def fitted_aligned(lite_medsam, tmp_path_factory):
 def test_saved_model_gives_the_cohort_runs_own_masks(which, request):
     run = request.getfixturevalue(which)
     loaded = OneShotModel.load(run["path"], EmbeddingStore(run["sam"]))  # a fresh store: nothing cached
+    assert loaded.groups[0].source.switch_margin == run["model"].groups[0].source.switch_margin == 0.25
     store = EmbeddingStore(run["sam"])
     for (key, (image, truth)), cohort in zip(run["targets"], run["preds"]):
         pred = loaded.predict(key, image, store)
         assert torch.allclose(pred.logits, cohort.logits, atol=1e-4), key
         assert np.array_equal(pred.label(), cohort.label())
+        # each image names the source that served each class; the per-image switch travels with the model
+        assert pred.sources == cohort.sources and len(pred.sources) == 2, (pred.sources, cohort.sources)
+        assert set(pred.sources) <= {"warp", "aligned", "classifier", "registration"}
         for c in (1, 2):
             assert _dice(cohort.label() == c, truth == c) > 0.6, (key, c)
 
