@@ -208,16 +208,7 @@ def test_series_seg_frames_point_to_their_slices(tmp_path):
 
 
 def test_multi_frame_source(tmp_path):
-    slices = _make_series(tmp_path / "series")
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=slices,
-        series_instance_uid=generate_uid(),
-        series_number=7,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-    )
-    enhanced.save_as(tmp_path / "enhanced.dcm")
-    volume, datasets, _ = read_dicom_volume(str(tmp_path / "enhanced.dcm"))
+    volume, datasets, _ = read_dicom_volume(_enhanced(tmp_path, spacing=None))
 
     assert len(datasets) == 1 and int(datasets[0].NumberOfFrames) == SLICES
     source = datasets[0]
@@ -325,9 +316,9 @@ def _radiograph(ds):  # projection radiograph: ITK takes the detector spacing
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
 
 
-def _enhanced(tmp_path) -> str:
+def _enhanced(tmp_path, spacing: tuple[float, float] | None = (0.7, 0.9)) -> str:
     """A legacy-converted enhanced CT of the oblique series: its frames are stored against the position order."""
-    slices = _make_series(tmp_path / "series", spacing=(0.7, 0.9))
+    slices = _make_series(tmp_path / "series", spacing=spacing)
     enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
         legacy_datasets=slices,
         series_instance_uid=generate_uid(),
