@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from bundle.evaluator import output_paths
 from bundle.io import read_label_volume, to_class_index
 from bundle.metrics import class_scores
-from bundle.qc import REVIEW_BELOW, area_fractions, confidence
+from bundle.qc import REVIEW_BELOW, area_fractions, confidence, flag_check
 from bundle.report import write_qc, write_tables
 from bundle.transforms import resize_label
 from bundle.visualize import legend, montage, overlay, save_overlay
@@ -147,32 +147,10 @@ class ReviewFlags:
         engine.state.review_summary = {
             "num_to_review": int(flagged.sum()),
             "to_review": [self.ids[i] for i in order if flagged[i]],
-            **_flag_check(self.ids, flagged, dice),
+            **flag_check(self.ids, flagged, dice),
         }
         if flagged.any():
             logger.info("%d of %d images need review (qc.csv, least confident first)", flagged.sum(), len(flagged))
-
-
-def _flag_check(ids: list[str], flagged: np.ndarray, dice: dict[str, list[float]]) -> dict[str, Any]:
-    """Where labels exist: targets with mean Dice below 0.5 (failures), the share of them flagged, and the share of
-    the flagged that are failures (percent; None when there is nothing to divide by)."""
-    scored = [(f, np.nanmean(np.array(dice[i], dtype=float))) for i, f in zip(ids, flagged) if i in dice]
-    scored = [(f, d) for f, d in scored if not np.isnan(d)]
-    if not scored:
-        return {}
-    fail = np.array([d < 0.5 for _, d in scored])
-    flag = np.array([f for f, _ in scored])
-
-    def share(a: np.ndarray, b: np.ndarray) -> float | None:
-        return round(float((a & b).sum() / b.sum() * 100), 1) if b.sum() else None
-
-    return {
-        "num_failures": int(fail.sum()),
-        "failures_flagged": share(flag, fail),
-        "flagged_failing": share(fail, flag),
-        "num_scored": len(scored),
-        "num_flagged_scored": int(flag.sum()),
-    }
 
 
 class OverlayWriter:

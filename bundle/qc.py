@@ -8,9 +8,11 @@ from the cohort's, or where the class was not found, is flagged for review.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["area_fractions", "confidence", "robust_z", "REVIEW_BELOW"]
+__all__ = ["area_fractions", "confidence", "flag_check", "robust_z", "REVIEW_BELOW"]
 
 REVIEW_BELOW = 0.5  # a class result with a confidence below this needs review
 # the smallest spreads: differences below these are noise, never a reason to review
@@ -63,3 +65,26 @@ def confidence(iou: np.ndarray, area: np.ndarray, found: np.ndarray, support: np
         scores = [_low(z_iou), _low(z_support), s_area, a_iou, a_support]
         out[:, c] = np.where(ok, np.minimum.reduce(scores), 0.0)
     return out
+
+
+def flag_check(ids: list[str], flagged: np.ndarray, dice: dict[str, list[float]]) -> dict[str, Any]:
+    """Where labels exist: targets with mean Dice below 0.5 (failures), the share of them flagged, and the share of
+    the flagged that are failures (percent; None when there is nothing to divide by)."""
+    scored = [(f, np.nanmean(np.array(dice[i], dtype=float))) for i, f in zip(ids, flagged) if i in dice]
+    scored = [(f, d) for f, d in scored if not np.isnan(d)]
+    if not scored:
+        return {}
+    fail = np.array([d < 0.5 for _, d in scored])
+    flag = np.array([f for f, _ in scored])
+
+    def share(a: np.ndarray, b: np.ndarray) -> float | None:
+        return round(float((a & b).sum() / b.sum() * 100), 1) if b.sum() else None
+
+    return {
+        "num_failures": int(fail.sum()),
+        "num_failures_flagged": int((fail & flag).sum()),
+        "failures_flagged": share(flag, fail),
+        "flagged_failing": share(fail, flag),
+        "num_scored": len(scored),
+        "num_flagged_scored": int(flag.sum()),
+    }

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,3 +104,22 @@ def test_report_renders_in_a_real_headless_browser(flagged_run, tmp_path):
     assert picture.std() > 20  # not blank: text, tables and the montage are drawn
     top = picture[:600]
     assert (top.std(-1) > 10).mean() > 0.02  # coloured pixels (the montage overlays, its legend) in the first screen
+
+
+def test_review_table_recounts_a_finished_runs_flags_from_its_qc_csv(tmp_path):
+    """scripts/review_table.py on a qc.csv: 12 typical images and one that strays (low IoU, unsupported, twice the
+    area) and fails; the table counts it flagged and failing."""
+    path = tmp_path / "qc.csv"
+    fields = ["id", "class", "source", "sam_iou", "locator_support", "found", "area_vs_reference", "dice"]
+    rng = np.random.default_rng(0)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for i in range(12):
+            iou, sup, area = 0.9 + 0.01 * rng.standard_normal(), 0.6 + 0.02 * rng.standard_normal(), 1.0
+            writer.writerow(dict(zip(fields, [f"c{i}", "lesion", "warp", iou, sup, True, area, 0.9])))
+        writer.writerow(dict(zip(fields, ["bad", "lesion", "warp", 0.55, 0.02, True, 2.5, 0.05])))
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "review_table.py")
+    out = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
+    row = [line for line in out.splitlines() if str(path) in line][0]
+    assert [cell.strip() for cell in row.split("|")[2:-1]] == ["13", "1 (8%)", "1", "1 of 1", "1 of 1"], out
