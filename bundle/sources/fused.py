@@ -212,7 +212,7 @@ class FusedSource(Source):
         if label.any():
             itself = registered(soft, image.shape[:2])
             pred = itself if pred is None else combine(label, itself, pred)
-        pred = self.absent(state, pred, key, image, store)
+        pred = self.absent(state, pred, probs)
         pred.support = _supports(probs, pred)
         pred.sources = sources
         return pred
@@ -238,17 +238,15 @@ class FusedSource(Source):
         sources = [self.locator.kind if switch[c] else s for c, s in enumerate(sources)]
         return combine(switch, located, pred), sources
 
-    def absent(
-        self, state: FusedState, pred: Prediction, key: str, image: np.ndarray, store: EmbeddingStore
-    ) -> Prediction:
-        """``pred`` with the SAM-served classes this image lacks (``absent_margin``) emptied and marked not found."""
+    def absent(self, state: FusedState, pred: Prediction, probs: torch.Tensor) -> Prediction:
+        """``pred`` with the SAM-served classes this image lacks (``absent_margin``) emptied and marked not found;
+        ``probs`` (C + 1, H, W): the locator's class probabilities for the image."""
         if self.absent_margin is None:
             return pred
         median = torch.tensor([d.sam_iou if d.sam_iou is not None else float("nan") for d in state.decisions])
         doubtful = (pred.iou < median - self.absent_margin) & ~state.use_registration & pred.found
         if not doubtful.any():
             return pred
-        probs = self._located(state, key, image, store)
         masks = pred.logits > 0
         logits, found = pred.logits.clone(), pred.found.clone()
         for c in torch.nonzero(doubtful)[:, 0].tolist():
