@@ -28,6 +28,7 @@ class Embedding:
     features: torch.Tensor  # (1, C, h, w)
     original_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (H', W') after resizing the longest side
+    token_shift: torch.Tensor | None = None  # (T, C) added to the mask decoder's mask tokens (pattern shifting)
 
 
 class SamBackend(torch.nn.Module):
@@ -103,6 +104,19 @@ class SamBackend(torch.nn.Module):
         Returns:
             mask logits (N, K, H, W) in the image frame and predicted IoU (N, K); K is 3 with ``multimask``, else 1.
         """
+        sparse, dense = self.encode_prompts(embedding, boxes, points, point_labels, mask_logits)
+        low_res, iou = self.decode_low_res(embedding, sparse, dense, multimask)
+        return self.upscale(low_res, embedding), iou
+
+    def encode_prompts(
+        self,
+        embedding: Embedding,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder on ``predict``'s prompts: sparse (N, P, C) and dense (N, C, h, w) embeddings."""
         s = self._scale(embedding.original_size)
         dev = self.device
         pts = None
@@ -110,15 +124,27 @@ class SamBackend(torch.nn.Module):
             pts = (points.to(dev).float() * s, point_labels.to(dev).int())
         box = boxes.to(dev).float() * s if boxes is not None else None
         masks = mask_logits.to(dev).float() if mask_logits is not None else None
-        sparse, dense = self.model.prompt_encoder(points=pts, boxes=box, masks=masks)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=embedding.features,  # the decoder repeats it per prompt set
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-        return self.upscale(low_res, embedding), iou
+        return self.model.prompt_encoder(points=pts, boxes=box, masks=masks)
+
+    def decode_low_res(
+        self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask decoder on encoded prompts: low-res logits (N, K, L, L) and predicted IoU (N, K).
+
+        With ``embedding.token_shift``, the mask tokens are SAM's plus that shift for this call only (SAM's own
+        weights never change); gradients flow to the shift when enabled."""
+        decoder = self.model.mask_decoder
+        kwargs = {
+            "image_embeddings": embedding.features,  # the decoder repeats it per prompt set
+            "image_pe": self.model.prompt_encoder.get_dense_pe(),
+            "sparse_prompt_embeddings": sparse,
+            "dense_prompt_embeddings": dense,
+            "multimask_output": multimask,
+        }
+        if embedding.token_shift is None:
+            return decoder(**kwargs)
+        tokens = decoder.mask_tokens.weight + embedding.token_shift.to(decoder.mask_tokens.weight)
+        return torch.func.functional_call(decoder, {"mask_tokens.weight": tokens}, kwargs=kwargs)
 
     def upscale(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         """Low-res logits (N, K, L, L) -> (N, K, H, W) in the image frame."""

@@ -7,6 +7,7 @@ from bundle.sources.classifier import ClassifierSource
 from bundle.sources.fused import Decision, FusedSource
 from bundle.sources.match import MatchSource
 from bundle.sources.persam import PerSamSource
+from bundle.sources.shifted import ShiftedSource, ShiftedStore
 from bundle.sources.warp import WarpSource
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "FusedSource",
     "MatchSource",
     "PerSamSource",
+    "ShiftedSource",
+    "ShiftedStore",
     "Source",
     "WarpSource",
     "load_source",
