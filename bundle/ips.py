@@ -3,7 +3,7 @@
 ``PatternShift`` maps an image embedding to a (T, C) shift of the mask decoder's T mask tokens. Its last layer starts
 at zero, so an untrained shift is SAM exactly. ``fit_shift`` trains it at test time with Dice + BCE on labelled
 views (the reference and augmented copies of it), prompted as a source would prompt them: box and mask prompts from
-a perturbed copy of the true mask, and the box alone.
+a perturbed copy of the true mask (optionally, the box alone too).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def fit_shift(
     seed: int = 0,
     move: float = 0.05,
     scale: float = 0.1,
-    box_only: bool = True,
+    box_only: bool = False,
 ) -> tuple[PatternShift, dict]:
     """Train ``shift`` on labelled ``views`` ((embedding, (H, W) class-index label) pairs); SAM is not changed.
 
@@ -125,7 +125,7 @@ def fit_shift(
             if not keep.any():
                 continue
             e = shifted(embedding, shift)
-            # alternate: box + mask prompts (warped masks), the box alone (located regions)
+            # the prompter's own prompts (box + mask, as the warp gives them), or every other step the box alone
             kwargs = {"boxes": prompts.boxes[keep]} if box_only and step % 2 else prompts.rows(keep)
             sparse, dense = _encode_prompts(sam, e, **kwargs)
             low_res, _ = sam.decode_low_res(e, sparse, dense)

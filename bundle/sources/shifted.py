@@ -52,6 +52,7 @@ class ShiftedSource(Source):
         steps: optimisation steps of the shift (each decodes one view's classes with gradients).
         lr: Adam learning rate.
         hidden: hidden width of the shift's MLP.
+        box_only: train on box-only prompts every other step too (the prompter's own prompts otherwise).
         seed: seeds the views' prompt perturbations.
     """
 
@@ -64,10 +65,12 @@ class ShiftedSource(Source):
         steps: int = 40,
         lr: float = 1e-3,
         hidden: int = 1024,
+        box_only: bool = False,
         seed: int = 0,
     ):
         self.source, self.decoder = source, decoder
         self.steps, self.lr, self.hidden, self.seed = int(steps), float(lr), int(hidden), seed
+        self.box_only = bool(box_only)
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> dict[str, Any]:
         if self.decoder is None:
@@ -80,7 +83,15 @@ class ShiftedSource(Source):
         tokens = int(decoder.sam.model.mask_decoder.num_mask_tokens)
         shift = PatternShift(channels, tokens, self.hidden)
         shift, log = fit_shift(
-            shift, decoder.sam, decoder.prompter, labelled, reference.num_classes, self.steps, self.lr, self.seed
+            shift,
+            decoder.sam,
+            decoder.prompter,
+            labelled,
+            reference.num_classes,
+            self.steps,
+            self.lr,
+            self.seed,
+            box_only=self.box_only,
         )
         clock = store.clock.seconds
         clock["pattern_shift_s"] = round(clock.get("pattern_shift_s", 0.0) + log["seconds"], 2)
