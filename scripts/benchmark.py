@@ -63,6 +63,15 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _machine() -> str:
+    """The hardware the bundle ran on, for the table's note."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()}-core CPU"
+
+
 def _value(text: str):
     try:
         return json.loads(text)
@@ -264,13 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
         out = os.path.join(out_root, dataset)
         if args.references:
             results = run_spread(dataset_dir, args.references, args.num_images, overrides, out)
-            text, note = spread_table(results), f"({args.num_images} test images after each reference; 2-core CPU)"
+            text, note = spread_table(results), f"({args.num_images} test images after each reference; {_machine()})"
         else:
             start, count = (0, args.num_images) if args.split == "tuning" else (args.num_images, CONFIRMATION)
             data = split_dir(dataset_dir, 0, start, count, os.path.join(out, "datalist"))
             results = run_dataset(data, 0, args.methods, overrides, variants, out)
             text, note = table(results), f"({args.split} split: cases {start + 1}-{start + count} after the reference"
-            note += "; 2-core CPU)"
+            note += f"; {_machine()})"
         if args.markdown:
             title = args.title or dataset
             if args.title and len(args.dataset_dir) > 1:
