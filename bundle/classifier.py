@@ -15,6 +15,10 @@ from monai.transforms import Affine
 __all__ = ["PatchClassifier", "reference_views"]
 
 
+# (scale, rotation in degrees, horizontal mirror) of the reference's augmented views, in the order of their store slots
+REFERENCE_VIEWS = [(0.6, 0, False), (0.8, 20, False), (1.25, -20, False), (1.6, 0, False), (1.0, 0, True)]
+
+
 def reference_views(
     image: np.ndarray, label: np.ndarray, views: list[tuple[float, float, bool]] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -22,7 +26,7 @@ def reference_views(
 
     ``views`` holds (scale, rotation in degrees, horizontal flip) triples; the default spans 0.6-1.6x, +-90 deg.
     """
-    views = views or [(0.6, 0, False), (0.8, 20, False), (1.25, -20, False), (1.6, 0, False), (1.0, 0, True)]
+    views = views or REFERENCE_VIEWS
     img = torch.from_numpy(np.asarray(image, dtype=np.float32))
     img = img.permute(2, 0, 1) if img.ndim == 3 else img[None]
     lab = torch.from_numpy(np.asarray(label, dtype=np.float32))[None]

@@ -8,6 +8,7 @@ All coordinates given to and returned by a backend are in the original image's (
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,18 @@ class Embedding:
     original_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (H', W') after resizing the longest side
     token_shift: torch.Tensor | None = None  # (T, C) added to the mask decoder's mask tokens (pattern shifting)
+    levels: torch.Tensor | None = None  # (1, L, G, G) the encoder's stage outputs on one grid (auto-prompting)
+
+
+LEVEL_GRID = 32
+
+
+def _channels_first(out: torch.Tensor) -> torch.Tensor:
+    """A stage output as (1, C, g, g): TinyViT's (1, g * g, C) tokens or a ViT block's (1, g, g, C) map."""
+    if out.dim() == 3:
+        g = math.isqrt(out.shape[1])
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], g, g)
+    return out.permute(0, 3, 1, 2)
 
 
 class SamBackend(torch.nn.Module):
@@ -59,9 +72,19 @@ class SamBackend(torch.nn.Module):
         s = self._scale(size)
         return int(round(size[0] * s)), int(round(size[1] * s))
 
+    def level_modules(self) -> list[torch.nn.Module]:
+        """The encoder's stages whose outputs ``encode(levels=True)`` keeps: TinyViT's four stages; for a ViT, the
+        blocks at half, three quarters and all of its depth (blocks 6, 9 and 12 of ViT-B)."""
+        encoder = self.model.image_encoder
+        if hasattr(encoder, "layers"):
+            return list(encoder.layers)
+        depth = len(encoder.blocks)
+        return [encoder.blocks[depth * k // 4 - 1] for k in (2, 3, 4)]
+
     @torch.no_grad()
-    def encode(self, image: np.ndarray) -> Embedding:
-        """Encode a (H, W) or (H, W, 3) image of any intensity range."""
+    def encode(self, image: np.ndarray, levels: bool = False) -> Embedding:
+        """Encode a (H, W) or (H, W, 3) image of any intensity range; with ``levels``, keep the stage outputs too
+        (average-pooled to a 32 x 32 grid, float16)."""
         img = np.asarray(image, dtype=np.float32)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=-1)
@@ -74,7 +97,17 @@ class SamBackend(torch.nn.Module):
         if self.normalize == "sam":
             x = (x * 255.0 - self.model.pixel_mean) / self.model.pixel_std
         x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
-        return Embedding(self.model.image_encoder(x), size, (h, w))
+        if not levels:
+            return Embedding(self.model.image_encoder(x), size, (h, w))
+        outputs: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in self.level_modules()]
+        try:
+            features = self.model.image_encoder(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        grids = [F.adaptive_avg_pool2d(_channels_first(o), LEVEL_GRID) for o in outputs]
+        return Embedding(features, size, (h, w), levels=torch.cat(grids, dim=1).half())
 
     def mask_prompt(self, prob: torch.Tensor, size: tuple[int, int], logit: float = 8.0) -> torch.Tensor:
         """(C, H, W) foreground probabilities in the image frame -> (C, 1, L, L) mask-prompt logits (+-``logit``)."""

@@ -86,22 +86,25 @@ class EmbeddingStore:
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
 
-    def _encode(self, image: np.ndarray) -> Embedding:
+    def _encode(self, image: np.ndarray, levels: bool = False) -> Embedding:
         start = time.time()
-        embedding = self.sam.encode(image)
+        embedding = self.sam.encode(image, levels=True) if levels else self.sam.encode(image)
         self.clock.add("sam_encoding_s", start)
         return embedding
 
-    def embedding(self, key: str, image: np.ndarray) -> Embedding:
-        """The SAM embedding of target ``key`` ((H, W[, 3]) ``image``), computed on first use."""
-        if key in self._embeddings:
+    def embedding(self, key: str, image: np.ndarray, levels: bool = False) -> Embedding:
+        """The SAM embedding of target ``key`` ((H, W[, 3]) ``image``), computed on first use; with ``levels``, one
+        that holds the encoder's stage outputs too (encoded again if the cached one lacks them)."""
+        if key in self._embeddings and (self._embeddings[key].levels is not None or not levels):
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
-        if self.directory and os.path.isfile(self._path(key)):
-            e = torch.load(self._path(key), weights_only=True)
-            embedding = Embedding(e["features"].to(self.sam.device), tuple(e["original_size"]), tuple(e["input_size"]))
+        path = self._path(key) if self.directory else None
+        e = torch.load(path, weights_only=True) if path and os.path.isfile(path) else None
+        if e is not None and (e.get("levels") is not None or not levels):
+            size, input_size = tuple(e["original_size"]), tuple(e["input_size"])
+            embedding = Embedding(e["features"].to(self.sam.device), size, input_size, levels=e.get("levels"))
         else:
-            embedding = self._encode(image)
+            embedding = self._encode(image, levels)
             if self.directory:
                 os.makedirs(self.directory, exist_ok=True)
                 torch.save(vars(embedding), self._path(key) + ".part")
@@ -119,11 +122,14 @@ class EmbeddingStore:
             self._features[key] = self.feature_encoder(image)
         return self._features[key]
 
-    def reference_embedding(self, reference: Reference, view: int = 0, image: np.ndarray | None = None) -> Embedding:
-        """The embedding of the reference (``view`` 0) or of one of its augmented views (``image``), in its slot."""
+    def reference_embedding(
+        self, reference: Reference, view: int = 0, image: np.ndarray | None = None, levels: bool = False
+    ) -> Embedding:
+        """The embedding of the reference (``view`` 0) or of one of its augmented views (``image``), in its slot;
+        ``levels`` as for ``embedding``."""
         key = ("embedding", view)
-        if key not in reference.cache:
-            reference.cache[key] = self._encode(reference.image if image is None else image)
+        if key not in reference.cache or (levels and reference.cache[key].levels is None):
+            reference.cache[key] = self._encode(reference.image if image is None else image, levels)
         return reference.cache[key]
 
     def reference_features(self, reference: Reference, view: int = 0, image: np.ndarray | None = None) -> torch.Tensor:

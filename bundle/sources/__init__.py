@@ -7,6 +7,7 @@ from bundle.sources.classifier import ClassifierSource
 from bundle.sources.fused import Decision, FusedSource
 from bundle.sources.match import MatchSource
 from bundle.sources.persam import PerSamSource
+from bundle.sources.promise import PromiseSource, PromiseState
 from bundle.sources.shifted import ShiftedSource, ShiftedStore
 from bundle.sources.warp import WarpSource
 
@@ -18,6 +19,8 @@ __all__ = [
     "FusedSource",
     "MatchSource",
     "PerSamSource",
+    "PromiseSource",
+    "PromiseState",
     "ShiftedSource",
     "ShiftedStore",
     "Source",

@@ -28,11 +28,13 @@ class ShiftedStore:
     def __init__(self, store: EmbeddingStore, shift: PatternShift):
         self._store, self._shift = store, shift
 
-    def embedding(self, key: str, image: np.ndarray) -> Embedding:
-        return self._with_shift(self._store.embedding(key, image))
+    def embedding(self, key: str, image: np.ndarray, levels: bool = False) -> Embedding:
+        return self._with_shift(self._store.embedding(key, image, levels))
 
-    def reference_embedding(self, reference: Reference, view: int = 0, image: np.ndarray | None = None) -> Embedding:
-        return self._with_shift(self._store.reference_embedding(reference, view, image))
+    def reference_embedding(
+        self, reference: Reference, view: int = 0, image: np.ndarray | None = None, levels: bool = False
+    ) -> Embedding:
+        return self._with_shift(self._store.reference_embedding(reference, view, image, levels))
 
     @torch.no_grad()
     def _with_shift(self, embedding: Embedding) -> Embedding:
