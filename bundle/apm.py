@@ -115,7 +115,7 @@ def fit_prompter(
     lr: float = 3e-3,
     seed: int = 0,
     mask_steps: int = 0,
-    max_shift: int = 2,
+    max_shift: int = 8,
 ) -> tuple[AutoPrompter, dict]:
     """Train ``prompter`` on (embedding with levels, (H, W) class-index label, weight) views; SAM is not changed.
 
