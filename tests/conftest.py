@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 
@@ -30,3 +31,12 @@ def disk(size: tuple[int, int], centre: tuple[float, float], radius: float) -> n
     """Boolean (H, W) disk with centre (row, col)."""
     yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def sam_hash(sam) -> str:
+    """SHA-256 of every tensor of a SAM backend's model: equal before and after means its weights did not change."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(sam.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,7 +1,5 @@
 """Auto-prompting (ProMISe's APM) on the frozen LiteMedSAM: follows a structure that moves, SAM untouched, saved."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from bundle.model import OneShotModel
 from bundle.prompts import mask_to_box
 from bundle.sources import Cohort, PromiseSource, ShiftedSource
 from bundle.store import EmbeddingStore, Reference
-from tests.conftest import disk
+from tests.conftest import disk, sam_hash
 
 SIZE = (200, 240)
 
@@ -25,21 +23,13 @@ def _scene(centre: tuple[int, int], radius: int, seed: int) -> tuple[np.ndarray,
     return image.astype(np.float32), label.astype(np.int64)
 
 
-def _sam_hash(sam) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(sam.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def test_the_auto_prompter_learns_the_box_of_a_structure_that_moves(lite_medsam):
     train = [_scene((70 + 10 * i, 60 + 20 * i), 25, i) for i in range(4)]
     views = [(lite_medsam.encode(img, levels=True), lab, 1.0) for img, lab in train]
     assert views[0][0].levels.shape[-2:] == (32, 32) and views[0][0].levels.dtype == torch.float16
-    before = _sam_hash(lite_medsam)
+    before = sam_hash(lite_medsam)
     prompter, log = fit_prompter(AutoPrompter(views[0][0].levels.shape[1], 1), lite_medsam, views, steps=200)
-    assert _sam_hash(lite_medsam) == before
+    assert sam_hash(lite_medsam) == before
     assert log["last_loss"] < log["first_loss"]
     # a position none of the views had: the box must follow the disc, not stay where the views had it
     for centre in ((140, 170), (60, 190)):

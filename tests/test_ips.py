@@ -1,7 +1,5 @@
 """Pattern shifting (ProMISe's IPS) on the frozen LiteMedSAM: exact when zero, SAM untouched, learns, saved."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from bundle.prompts import PromptGenerator
 from bundle.sources import Cohort, PerSamSource, ShiftedSource
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import one_hot
-from tests.conftest import disk
+from tests.conftest import disk, sam_hash
 
 SIZE = (120, 150)
 
@@ -25,14 +23,6 @@ def _scene(centre: tuple[int, int], radius: int, seed: int) -> tuple[np.ndarray,
     image = 0.2 + 0.05 * rng.standard_normal(SIZE)
     image[disk(SIZE, centre, radius)] = 0.8
     return image.astype(np.float32), disk(SIZE, centre, radius + 6).astype(np.int64)
-
-
-def _sam_hash(sam) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(sam.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,11 +60,11 @@ def test_fitting_the_shift_improves_dice_on_new_images_and_leaves_sam_bit_identi
                 out.append(_dice(logits[0, 0].numpy() > 0, lab.astype(bool)))
         return np.array(out)
 
-    before_hash = _sam_hash(lite_medsam)
+    before_hash = sam_hash(lite_medsam)
     before = dices(None)
     shift, log = fit_shift(PatternShift(), lite_medsam, prompter, views, 1, steps=20)
     after = dices(shift)
-    assert _sam_hash(lite_medsam) == before_hash
+    assert sam_hash(lite_medsam) == before_hash
     assert all(not p.requires_grad for p in lite_medsam.model.parameters())
     assert log["steps"] == 20
     assert after.mean() > before.mean() + 0.02, (before, after)
