@@ -102,7 +102,8 @@ class EmbeddingStore:
         e = torch.load(path, weights_only=True) if path and os.path.isfile(path) else None
         if e is not None and (e.get("levels") is not None or not levels):
             size, input_size = tuple(e["original_size"]), tuple(e["input_size"])
-            embedding = Embedding(e["features"].to(self.sam.device), size, input_size, levels=e.get("levels"))
+            levels_on_disk = None if e.get("levels") is None else e["levels"].to(self.sam.device)
+            embedding = Embedding(e["features"].to(self.sam.device), size, input_size, levels=levels_on_disk)
         else:
             embedding = self._encode(image, levels)
             if self.directory:
