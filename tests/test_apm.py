@@ -72,3 +72,13 @@ def test_the_promise_source_segments_and_round_trips_through_the_adapted_model(p
         plain = model.groups[0].source.source.predict(model.groups[0].state["inner"], key, img, store)
         truth, mask = disk(SIZE, centre, 28), plain.logits[0].numpy() > 0
         assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9, key
+
+
+def test_stage_outputs_are_kept_on_disk_and_read_back_without_encoding_again(lite_medsam, tmp_path):
+    image, _ = _scene((90, 100), 28, 0)
+    first = EmbeddingStore(lite_medsam, directory=str(tmp_path)).embedding("a", image, levels=True)
+    again = EmbeddingStore(lite_medsam, directory=str(tmp_path))
+    got = again.embedding("a", image, levels=True)
+    assert got.levels is not None and torch.equal(got.levels, first.levels)
+    assert got.levels.device == got.features.device
+    assert "sam_encoding_s" not in again.clock.seconds  # read from disk, not encoded
