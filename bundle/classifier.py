@@ -7,10 +7,13 @@ it sits, which is what warping cannot say when anatomy moves.
 
 from __future__ import annotations
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Affine
+
+from bundle.distributed import average_gradients, broadcast_module
 
 __all__ = ["PatchClassifier", "reference_views"]
 
@@ -120,16 +123,22 @@ class PatchClassifier:
         x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
         torch.manual_seed(self.seed)
         head = self._new_head(x.shape[1], num_classes)
+        broadcast_module(head)
         # rarer classes weigh more (square root of the inverse frequency, at most x20)
         freq = (y * w[:, None]).sum(0)
         class_w = (freq.sum() / freq.clamp_min(1e-6)).clamp(1, 400).sqrt()
+        total = w.sum()
+        # several processes: each takes its share of the samples, the gradients are summed (the same full-batch step)
+        rank, size = idist.get_rank(), idist.get_world_size()
+        x, y, w = x[rank::size], y[rank::size], w[rank::size]
         opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         with torch.enable_grad():
             for _ in range(self.iterations):
                 opt.zero_grad()
                 logp = F.log_softmax(head(x), dim=1)
-                loss = -((y * logp * class_w).sum(1) * w).sum() / w.sum()
+                loss = -((y * logp * class_w).sum(1) * w).sum() / total
                 loss.backward()
+                average_gradients(head)
                 opt.step()
         self.head = head.eval()
         return self

@@ -4,12 +4,16 @@ pipeline: read, check, cut into slices, intensity scaling, processing size."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import ignite.distributed as idist
 import numpy as np
 from monai.data import Dataset
 from monai.transforms import Transform
@@ -23,6 +27,7 @@ __all__ = [
     "CohortDataset",
     "ImageDataset",
     "PrepareTarget",
+    "SliceFiles",
     "Target",
     "load_datalist",
     "load_folder",
@@ -114,7 +119,7 @@ class Target:
     volume: Volume | None = None  # geometry only: the full-resolution pixels are dropped once the slices are made
     shape: tuple[int, int, int] = (0, 0, 0)  # (Z, H, W) of the input
     keys: list[str | None] = field(default_factory=list)
-    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    images: dict[str, np.ndarray] | SliceFiles = field(default_factory=dict, repr=False)
     # DICOM input cut across its files: the source datasets (pixel data dropped) in slice order; a SEG is written
     dicom_sources: list[DicomDataset] | None = field(default=None, repr=False)
     error: str | None = None
@@ -132,6 +137,33 @@ def _slice_sources(path: str, volume: Volume) -> list[DicomDataset] | None:
     return None
 
 
+class SliceFiles(Mapping):
+    """Prepared slices kept on disk: ``files[key]`` reads the (H, W[, 3]) float32 slice back, so a cohort holds one
+    slice in memory at a time instead of all of them. 8-bit content is stored as uint8 (read back exactly)."""
+
+    def __init__(self, directory: str):
+        self.directory, self.paths = directory, {}
+
+    def add(self, key: str, image: np.ndarray) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        eight_bit = image.dtype == np.float32 and bool(np.all(image == np.round(image))) and 0 <= image.min()
+        eight_bit = eight_bit and image.max() <= 255
+        path = os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + (".u8" if eight_bit else ""))
+        with open(path + ".part", "wb") as f:
+            np.save(f, image.astype(np.uint8) if eight_bit else image)
+        os.replace(path + ".part", path + ".npy")
+        self.paths[key] = path + ".npy"
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.load(self.paths[key]).astype(np.float32, copy=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 class PrepareTarget(Transform):
     """``Case`` -> ``Target``: read, check, cut 3D inputs into slices along ``slice_axis``, scale intensities
     (``window`` or percentiles, per volume), shrink slices longer than ``max_size``.
@@ -140,11 +172,26 @@ class PrepareTarget(Transform):
         slice_axis: spatial axis of the MONAI array (0 x, 1 y, 2 z) 3D inputs are cut along.
         window: CT-style (level, width); None: percentile clipping for images not already 8-bit.
         max_size: slices with a longer side are processed at this size.
+        slice_dir: keep prepared slices in files here and read them back when needed (``SliceFiles``), so memory does
+            not grow with the cohort (None: in memory). ``clear`` removes the folder.
     """
 
-    def __init__(self, slice_axis: int = -1, window: Sequence[float] | None = None, max_size: int = 1024):
-        self.slice_axis, self.max_size = slice_axis, int(max_size)
+    def __init__(
+        self,
+        slice_axis: int = -1,
+        window: Sequence[float] | None = None,
+        max_size: int = 1024,
+        slice_dir: str | None = None,
+    ):
+        self.slice_axis, self.max_size, self.slice_dir = slice_axis, int(max_size), slice_dir
         self.window = tuple(window) if window is not None else None
+
+    def clear(self) -> None:
+        """Remove this process's slice files (after a run), and the folder once empty."""
+        if self.slice_dir and os.path.isdir(self.slice_dir):
+            shutil.rmtree(os.path.join(self.slice_dir, f"rank{idist.get_rank()}"), ignore_errors=True)
+            if not os.listdir(self.slice_dir):
+                os.rmdir(self.slice_dir)
 
     def image(self, image: np.ndarray) -> np.ndarray:
         """One raw (H, W[, 3]) image prepared as the slices of a target are."""
@@ -159,12 +206,17 @@ class PrepareTarget(Transform):
         target.dicom_sources, volume.dicom_sources = _slice_sources(case.image_path, volume), None
         slices = scale_intensity(volume.slices, self.window)
         volume.slices = np.empty((len(slices), 0, 0), np.float32)
+        if self.slice_dir:
+            target.images = SliceFiles(os.path.join(self.slice_dir, f"rank{idist.get_rank()}"))
         for z, img in enumerate(slices):
             key = case.id if len(slices) == 1 else f"{case.id}#{z}"
             constant = float(img.max()) == float(img.min())  # e.g. padding slices of a volume: left empty
             target.keys.append(None if constant else key)
             if not constant:
-                target.images[key] = shrink(img, self.max_size)
+                if self.slice_dir:
+                    target.images.add(key, shrink(img, self.max_size))
+                else:
+                    target.images[key] = shrink(img, self.max_size)
         return target
 
 

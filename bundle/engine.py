@@ -3,6 +3,8 @@
 One iteration draws a batch of targets and a batch of augmented copies of the reference:
     L = warp(ref -> targets) + w_aug * [warp(ref -> aug ref) + DiceCE(warped ref label, aug label)]
         + w_pseudo * DiceCE(warped ref label, SAM pseudo-label)        (retraining rounds only)
+With several processes the batch is split between them (data parallel): every process draws the same batch, takes
+its share, and the gradients are summed, so the steps are those of one process up to floating-point order.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import os
 import re
 from typing import Callable, Iterator
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+from bundle.distributed import average_gradients, broadcast_module, is_main
 from bundle.losses import LabelLoss, WarpingLoss
 from bundle.networks import WarpNet
 
@@ -109,6 +113,7 @@ class WarpTrainer(Engine):
         self.moving, self.moving_label, self.fixed = moving.float(), moving_label.float(), fixed.float()
         self.pseudo = self.pseudo_weights = None
         self.network.load_state_dict(self._initial[0])
+        broadcast_module(self.network)  # the same start in every process
         self.optimizer.load_state_dict(self._initial[1])
         self.generator.manual_seed(self.seed)
         self.round, self.tag = 0, tag
@@ -117,23 +122,40 @@ class WarpTrainer(Engine):
         """One-hot SAM pseudo-labels (N, K, S, S) for the targets, optionally weighted per target (N,)."""
         self.pseudo, self.pseudo_weights = labels.float(), None if weights is None else weights.float()
 
-    def _augmented_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augmented_batch(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
-        for _ in range(n):
-            self.augmentation.set_random_state(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        for seed in seeds:
+            self.augmentation.set_random_state(seed)
             out = self.augmentation({"image": self.moving.clone(), "label": self.moving_label.clone()})
             images.append(torch.as_tensor(out["image"]).float())
             labels.append(torch.as_tensor(out["label"]).float())
         return torch.stack(images), torch.stack(labels)
 
-    def _step(self, engine: Engine, idx: torch.Tensor) -> float:
+    def _step(self, engine: Engine, batch: torch.Tensor) -> float:
         self.network.train()
+        rank, size = idist.get_rank(), idist.get_world_size()
+        draws = len(batch) if self.aug_weight > 0 else 0
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)) for _ in range(draws)]
+        idx, seeds = batch[rank::size], seeds[rank::size]  # this process's share of the batch
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(idx, seeds) * (len(idx) / len(batch)) if len(idx) else None
+        if loss is not None:
+            loss.backward()
+        average_gradients(self.network)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        self.optimizer.step()
+        value = float(loss.detach()) if loss is not None else 0.0
+        return float(idist.all_reduce(value)) if size > 1 else value
+
+    def _loss(self, idx: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """The mean loss over targets ``idx`` and the reference augmented with ``seeds``."""
         dev = self.device
         n = len(idx)
         fixed = self.fixed[idx].to(dev)
         aug_label = None
         if self.aug_weight > 0:
-            aug_image, aug_label = self._augmented_batch(n)
+            aug_image, aug_label = self._augmented_batch(seeds)
             fixed = torch.cat([fixed, aug_image.to(dev)])
         moving = self.moving[None].to(dev)
         # one pass for targets and augmented copies: the reference is encoded once per step
@@ -150,12 +172,7 @@ class WarpTrainer(Engine):
             aug_loss = self.warping_loss(warped[n:], fixed[n:], ddf[n:])
             aug_loss = aug_loss + self.label_loss(warped_label[n:], aug_label.to(dev))
             loss = loss + self.aug_weight * aug_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach())
+        return loss
 
     def iterations_for(self, epochs: float) -> int:
         """Optimisation steps for ``epochs`` passes over the targets, within the configured bounds."""
@@ -184,7 +201,7 @@ class WarpTrainer(Engine):
 
     def _save(self, engine: Engine) -> None:
         """After every round: weights, optimiser and sampling state, written atomically, so a rerun resumes here."""
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and is_main():
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             path = self.checkpoint_path(self.round)
             state = {
@@ -214,7 +231,7 @@ class WarpTrainer(Engine):
 
     def clear_checkpoints(self) -> None:
         """Remove the round checkpoints of an earlier, different job."""
-        if self.checkpoint_dir and os.path.isdir(self.checkpoint_dir):
+        if self.checkpoint_dir and os.path.isdir(self.checkpoint_dir) and is_main():
             for name in os.listdir(self.checkpoint_dir):
                 if name.startswith("warp") and name.endswith(".pt"):
                     os.remove(os.path.join(self.checkpoint_dir, name))

@@ -1,5 +1,8 @@
 """The apply loop as an ignite engine: one iteration per target (segment with the fitted model, or read back what an
-earlier run of the same job wrote), then write its outputs. Metrics, overlays and tables are handlers."""
+earlier run of the same job wrote), then write its outputs. Metrics, overlays and tables are handlers.
+
+With several processes each segments and writes the targets it owns; rank 0 then runs the loop over all of them,
+reading the label maps back, so the handlers see every target once."""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import os
 import time
 from typing import Any, Sequence
 
+import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine
+from tqdm import tqdm
 
 from bundle.dataset import Target
+from bundle.distributed import gather, is_main, owns
 from bundle.inferer import OneShotInferer
 from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
 from bundle.model import OneShotModel
@@ -60,6 +66,8 @@ class OneShotEvaluator(Engine):
         self.model: OneShotModel | None = None
         self.store: EmbeddingStore | None = None
         self.errors: list[dict] = []
+        self.known: dict[str, tuple[dict, dict]] = {}  # per target id segmented by another process: missing, signals
+        self.progress = progress
         for handler in val_handlers or ():
             handler.attach(self)
         if progress:
@@ -69,11 +77,18 @@ class OneShotEvaluator(Engine):
         self.seconds = 0.0
 
     def _step(self, engine: Engine, target: Target) -> dict[str, Any]:
+        if target.done:
+            path = output_paths(self.output_dir, target)[0]
+            label = to_class_index(read_label_volume(path, target.volume), self.model.class_values)
+            missing, signals = self.known.get(target.case.id, ({}, {}))
+            return {"target": target, "label": label, "missing": missing, "signals": signals}
+        label, missing, signals = self._segment(target)
+        return {"target": target, "label": label, "missing": missing, "signals": signals}
+
+    def _segment(self, target: Target) -> tuple[np.ndarray, dict, dict]:
+        """Segment one target and write its outputs: (Z, H, W) class indices, classes not found, review signals."""
         model, values = self.model, np.array([0, *self.model.class_values], dtype=np.int64)
         paths = output_paths(self.output_dir, target)
-        if target.done:
-            label = to_class_index(read_label_volume(paths[0], target.volume), model.class_values)
-            return {"target": target, "label": label, "missing": {}, "signals": {}}
         start = time.time()
         label, missing, signals = self.inferer(target, model, self.store)
         self.seconds += time.time() - start
@@ -85,7 +100,7 @@ class OneShotEvaluator(Engine):
             except Exception as e:  # noqa: BLE001 - one output that cannot be written never stops the others
                 logger.error("DICOM SEG of %s not written: %s", target.case.id, e)
                 self.errors.append({"id": target.case.id, "image": target.case.image_path, "error": f"SEG: {e}"})
-        return {"target": target, "label": label, "missing": missing, "signals": signals}
+        return label, missing, signals
 
     def evaluate(
         self, model: OneShotModel, store: EmbeddingStore, targets: list[Target], errors: list[dict] | None = None
@@ -93,5 +108,27 @@ class OneShotEvaluator(Engine):
         """Run over ``targets`` (``errors``: inputs that could not be read, for the tables); returns the seconds spent
         segmenting."""
         self.model, self.store, self.errors, self.seconds = model, store, list(errors or []), 0.0
+        self.known = {}
+        if idist.get_world_size() > 1:
+            self._segment_owned(targets)
+            if not is_main():
+                return self.seconds
         self.run(targets, max_epochs=1)
         return self.seconds
+
+    def _segment_owned(self, targets: list[Target]) -> None:
+        """Several processes: segment and write the targets this one owns, then share what the tables need (classes
+        not found, review signals, errors); every target is then done (its label map on disk)."""
+        owned = [t for i, t in enumerate(targets) if owns(i) and not t.done]
+        errors_before = len(self.errors)
+        known = {}
+        for target in tqdm(owned, desc="segmenting", leave=False, disable=not (self.progress and is_main())):
+            _, missing, signals = self._segment(target)
+            known[target.case.id] = (missing, signals)
+        shared = gather({idist.get_rank(): (known, self.errors[errors_before:])})
+        self.errors = self.errors[:errors_before]
+        for rank in sorted(shared):
+            self.known.update(shared[rank][0])
+            self.errors.extend(shared[rank][1])
+        for target in targets:
+            target.done = True

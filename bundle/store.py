@@ -8,7 +8,9 @@ bounded in-memory cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -82,6 +84,23 @@ class EmbeddingStore:
         self.clock = Clock()
         self._embeddings: OrderedDict[str, Embedding] = OrderedDict()
         self._features: dict[str, torch.Tensor] = {}
+
+    def bind(self, job: str) -> None:
+        """Tie the embeddings on disk to one job (``bundle.job.fingerprint``): those of another job (another backend,
+        other inputs or settings) are removed, never reused."""
+        if not self.directory:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, "job.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                if json.load(f).get("job") == job:
+                    return
+        for name in os.listdir(self.directory):
+            if re.fullmatch(r"[0-9a-f]{40}\.pt", name):
+                os.remove(os.path.join(self.directory, name))
+        with open(path, "w") as f:
+            json.dump({"job": job}, f)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")

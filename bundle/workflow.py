@@ -11,9 +11,11 @@ import resource
 import time
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 
 from bundle.dataset import CohortDataset, ImageDataset, Target
+from bundle.distributed import is_main
 from bundle.engine import WarpTrainer
 from bundle.evaluator import OneShotEvaluator, output_paths
 from bundle.job import fingerprint
@@ -22,6 +24,7 @@ from bundle.model import OneShotModel, load_model_file
 from bundle.reference import check_reference, reference_names
 from bundle.report import write_json, write_report
 from bundle.sources import Cohort, Source
+from bundle.sources.base import SliceItems
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import shrink
 
@@ -62,6 +65,8 @@ class _Run:
         extra: dict[str, Any],
     ) -> dict[str, Any]:
         seconds = self.evaluator.evaluate(model, store, targets, errors)
+        if not is_main():
+            return {}  # rank 0 writes the tables, the summary and the report
         state = self.evaluator.state
         total = time.time() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -134,9 +139,16 @@ class OneShotSegmentation(_Run):
         self.fail_on_errors, self.progress = fail_on_errors, progress
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.dataset.prepare.clear()  # prepared slices kept on disk for the run (preprocessing#slice_dir)
+
+    def _run(self) -> dict[str, Any]:
         start = time.time()
         os.makedirs(self.output_dir, exist_ok=True)
-        reference, names = self.dataset.load()
+        with idist.one_rank_first():  # the demo data is written once
+            reference, names = self.dataset.load()
         names = {**reference_names(reference), **names}
         prepare = self.dataset.prepare
         slices, class_values = check_reference(
@@ -163,10 +175,11 @@ class OneShotSegmentation(_Run):
             )
             for s in slices
         ]
-        cohort = Cohort([(k, t.images[k]) for t in targets for k in t.keys if k is not None], self.store, self.progress)
+        items = SliceItems([(k, t.images) for t in targets for k in t.keys if k is not None])
+        cohort = Cohort(items, self.store, self.progress)
         preparation = {"window": prepare.window and list(prepare.window), "max_size": prepare.max_size}
         model = OneShotModel.fit(self.source, references, cohort, class_values, class_names, preparation)
-        if self.adapted_model:
+        if self.adapted_model and is_main():
             model.save(self.adapted_model, job=job)
             logger.info("adapted model saved to %s (configs/infer.yaml --model_path)", self.adapted_model)
         reference_files = {"image": reference.image_path, "label": reference.label_path}
@@ -197,12 +210,16 @@ class OneShotSegmentation(_Run):
         if self.resume and os.path.exists(path):
             with open(path) as f:
                 same = json.load(f).get("fingerprint") == job
-        if not same:
+        idist.barrier()  # every process has read the state before rank 0 replaces it
+        if not same and is_main():
             if os.path.exists(path):
                 logger.info("%s holds a different job (settings or inputs changed): starting afresh", self.output_dir)
             if self.trainer is not None:
                 self.trainer.clear_checkpoints()
             write_json(path, {"fingerprint": job})
+        if is_main():
+            self.store.bind(job)
+        idist.barrier()
         if self.trainer is not None:
             self.trainer.resumable = same
         return same

@@ -4,6 +4,7 @@
         [--split tuning|confirmation] [--methods bundle elastix ants] [--strategies warp match persam registration]
         [--set key=value ...] [--variant name:key=value,...] [--markdown docs/benchmarks.md]
     python scripts/benchmark.py --dataset_dir ... --references 0 10 20 30 40   # spread over five references
+    python scripts/benchmark.py --dataset_dir ... --methods bundle --processes 1 2   # 1 and 2 processes (torchrun)
 
 Reference = first case by sorted image name; the tuning split is the next ``num_images`` cases, the confirmation
 split the 80 cases after those (cases 41-120 after the reference). Prints one table (method, Dice per class, mean
@@ -60,7 +61,9 @@ def split_dir(dataset_dir: str, reference: int, start: int, count: int, out_dir:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process or of its largest child (a torchrun process)."""
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return rss / 1024.0
 
 
 def _machine() -> str:
@@ -91,6 +94,23 @@ def run_bundle(dataset_dir: str, num_images: int, overrides: dict, output_dir: s
     set_determinism(seed=parser.get_parsed_content("seed"))
     summary = parser.get_parsed_content("workflow").run()
     return summary
+
+
+def run_torchrun(processes: int, dataset_dir: str, num_images: int, overrides: dict, output_dir: str) -> dict:
+    """The same pipeline in ``processes`` processes: ``torchrun`` with ``configs/multi_gpu_inference.yaml`` merged."""
+    import subprocess
+
+    configs = [os.path.join(ROOT, "configs", name) for name in ("inference.yaml", "multi_gpu_inference.yaml")]
+    settings = {"bundle_root": ROOT, "dataset_dir": dataset_dir, "num_images": num_images, "output_dir": output_dir}
+    settings.update({"adapted_model": os.path.join(output_dir, "model.pt"), **overrides})
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", str(processes), "-m", "monai.bundle", "run"]
+    command += ["--config_file", json.dumps(configs)]
+    for key, value in settings.items():
+        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    subprocess.run(command, cwd=ROOT, check=True)
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        return json.load(f)
 
 
 def _default(key: str):
@@ -250,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         choices=sorted(_default("sources")),
         help="extra bundle rows, one per strategy",
     )
+    p.add_argument(
+        "--processes", type=int, nargs="*", default=[1], help="bundle rows with each number of processes (torchrun)"
+    )
     p.add_argument("--set", nargs="*", default=[], help="config overrides for the bundle, key=value (JSON values)")
     p.add_argument("--variant", action="append", default=[], help="extra bundle rows: name:key=value,key=value")
     p.add_argument("--output_dir", default=None)
@@ -277,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             start, count = (0, args.num_images) if args.split == "tuning" else (args.num_images, CONFIRMATION)
             data = split_dir(dataset_dir, 0, start, count, os.path.join(out, "datalist"))
-            results = run_dataset(data, 0, args.methods, overrides, variants, out)
+            results = run_dataset(data, 0, args.methods, overrides, variants, out, args.processes)
             text, note = table(results), f"({args.split} split: cases {start + 1}-{start + count} after the reference"
             note += f"; {_machine()})"
         if args.markdown:
@@ -312,17 +335,28 @@ def spread_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_dataset(dataset_dir: str, num_images: int, methods, overrides: dict, variants, out_root: str) -> dict:
-    """Every requested method and bundle variant on one dataset; prints the table after each row."""
+def run_dataset(
+    dataset_dir: str, num_images: int, methods, overrides: dict, variants, out_root: str, processes=(1,)
+) -> dict:
+    """Every requested method and bundle variant on one dataset; prints the table after each row. The default
+    config's row once per number of ``processes``."""
     default_strategy = overrides.get("strategy", _default("strategy"))
     results: dict[str, dict] = {}
     for method in methods:
         if method == "bundle":
-            results[f"bundle, {default_strategy} (default config)"] = _isolated(
-                run_bundle, dataset_dir, num_images, {"progress": False, **overrides}, os.path.join(out_root, "bundle")
-            )
-        else:
-            results[method] = _isolated(run_classical, method, dataset_dir, num_images)
+            for k in processes:
+                settings = {"progress": False, **overrides}
+                if k == 1:
+                    results[f"bundle, {default_strategy} (default config)"] = _isolated(
+                        run_bundle, dataset_dir, num_images, settings, os.path.join(out_root, "bundle")
+                    )
+                else:
+                    name = f"bundle, {default_strategy} (default config, {k} processes)"
+                    out = os.path.join(out_root, f"bundle_{k}_processes")
+                    results[name] = _isolated(run_torchrun, k, dataset_dir, num_images, settings, out)
+                print(table(results), flush=True)
+            continue
+        results[method] = _isolated(run_classical, method, dataset_dir, num_images)
         print(table(results), flush=True)
     for name, extra in variants:
         results[f"bundle, {name}"] = _isolated(

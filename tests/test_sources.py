@@ -157,7 +157,8 @@ def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):
     a, b, far = disk((40, 40), (12, 12), 6), disk((40, 40), (13, 12), 6), disk((40, 40), (30, 30), 6)
     warped = [pred([a, a]), pred([a, a])]
     located = [pred([b, far]), pred([b, far])]  # class 1 agrees with the warp, class 2 does not
-    decisions = _fused(lite_medsam).decide(warped, located, None)
+    agreement = torch.tensor([[_dice(a, b) for a, b in zip(w.masks(), m.masks())] for w, m in zip(warped, located)])
+    decisions = _fused(lite_medsam).decide(agreement, None)
     assert [d.source for d in decisions] == ["warp", "aligned"]
     assert decisions[0].agreement > 0.73 > decisions[1].agreement
     use = torch.tensor([d.source == "warp" for d in decisions])
@@ -165,7 +166,7 @@ def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):
         fused = combine(use, w, m)
         assert _dice(fused.label() == 1, a) == 1.0 and _dice(fused.label() == 2, far) == 1.0
     # the warp's own similarity keeps it even where the classifier disagrees
-    kept = _fused(lite_medsam).decide(warped, located, torch.tensor([[0.9, 0.9], [0.9, 0.9]]))
+    kept = _fused(lite_medsam).decide(agreement, torch.tensor([[0.9, 0.9], [0.9, 0.9]]))
     assert [d.source for d in kept] == ["warp", "warp"]
 
 

@@ -141,11 +141,12 @@ class AlignedSource(Source):
         classes = torch.ones(reference.num_classes, dtype=torch.bool) if classes is None else classes
         locator = self.locator.fit(reference, cohort) if locator is None else locator
         shape = tuple(reference.label.shape)
-        fixed = []
-        for key, img in cohort.items:
+
+        def aligned(key: str, img: np.ndarray) -> torch.Tensor | None:
             candidates = self._candidates(locator, reference.label, classes, key, img, cohort.store)
-            if candidates:
-                fixed.append(self._aligned_image(img, *candidates[0], shape))
+            return self._aligned_image(img, *candidates[0], shape) if candidates else None
+
+        fixed = [x for x in cohort.map(aligned, "aligning") if x is not None]
         if not fixed:  # the classifier found none of the classes anywhere: its own boxes serve
             return AlignedState(None, locator, classes, reference.label)
         moving, moving_label = self.warper.reference_frame(reference)

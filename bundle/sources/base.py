@@ -8,29 +8,73 @@ fitted on several references of a run and each fitted state applied independentl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from bundle.distributed import is_main, map_owned
 from bundle.prediction import Prediction
 from bundle.store import EmbeddingStore, Reference
 
-__all__ = ["Cohort", "Source", "register", "save_source", "load_source"]
+__all__ = ["Cohort", "SliceItems", "Source", "register", "save_source", "load_source"]
+
+
+class SliceItems(Sequence):
+    """(key, image) pairs whose images are read when asked for, from ``(key, slices)`` entries (``slices[key]`` gives
+    the (H, W[, 3]) image, e.g. a target's ``SliceFiles``): the cohort need not hold every image in memory."""
+
+    def __init__(self, entries: list[tuple[str, Mapping[str, np.ndarray]]]):
+        self.entries = entries
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        key, slices = self.entries[i]
+        return key, slices[key]
 
 
 @dataclass
 class Cohort:
-    """The images a source is fitted on: (key, (H, W[, 3]) image) pairs and the run's embedding store."""
+    """The images a source is fitted on: (key, (H, W[, 3]) image) pairs (a list, or ``SliceItems`` read when needed)
+    and the run's embedding store.
 
-    items: list[tuple[str, np.ndarray]]
+    In a run of several processes each item has one owner (by its position), which alone encodes it and does its
+    per-item work in ``map``.
+    """
+
+    items: Sequence[tuple[str, np.ndarray]]
     store: EmbeddingStore
     progress: bool = False
 
     def bar(self, items: Iterable, desc: str) -> Iterable:
-        return tqdm(items, desc=desc, leave=False, disable=not self.progress)
+        return tqdm(items, desc=desc, leave=False, disable=not (self.progress and is_main()))
+
+    def map(
+        self, fn: Callable[[str, np.ndarray], Any], desc: str = "", indices: Sequence[int] | None = None
+    ) -> list[Any]:
+        """``fn(key, image)`` for every item (or the items at ``indices``), in order; with several processes, each
+        item's by its owner (its position modulo the number of processes), gathered on every process (tensors on the
+        CPU). Images are read one at a time."""
+        indices = range(len(self.items)) if indices is None else list(indices)
+
+        def run(i: int) -> Any:
+            return fn(*self.items[i])
+
+        return map_owned(run, indices, lambda x: self.bar(x, desc))
+
+    def with_store(self, store: Any) -> "Cohort":
+        """The same items (and owners) with another store."""
+        return Cohort(self.items, store, self.progress)
 
 
 class Source(ABC):

@@ -39,12 +39,21 @@ class ClassifierSource(Source):
         decoder: SAM prompt-to-mask step.
         classifier: the (unfitted) patch classifier and its training settings.
         self_training: rounds the classifier is retrained on SAM's answers for the cohort.
+        max_pseudo: at most this many images of the cohort (evenly spaced) give it SAM's answers, so its memory and
+            time stay bounded however large the cohort (None: all).
     """
 
     kind = "classifier"
 
-    def __init__(self, decoder: SamDecoder, classifier: PatchClassifier | None = None, self_training: int = 2):
+    def __init__(
+        self,
+        decoder: SamDecoder,
+        classifier: PatchClassifier | None = None,
+        self_training: int = 2,
+        max_pseudo: int | None = 80,
+    ):
         self.decoder, self.classifier, self.self_training = decoder, classifier or PatchClassifier(), int(self_training)
+        self.max_pseudo = max_pseudo
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> PatchClassifier:
         start = time.time()
@@ -56,13 +65,18 @@ class ClassifierSource(Source):
             feats = store.reference_features(reference, view, img)
             base.append((feats, _soft(lab, C, tuple(feats.shape[1:])), 1.0))
         classifier = copy.deepcopy(self.classifier).fit(base, C)
+
+        def pseudo_label(key: str, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+            feats = store.features(key, img)
+            pred = self.predict(classifier, key, img, store)
+            confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
+            return feats, _soft(pred.label(), C, tuple(feats.shape[1:])), confidence
+
+        n, indices = len(cohort.items), None
+        if self.max_pseudo is not None and n > self.max_pseudo:
+            indices = np.linspace(0, n - 1, self.max_pseudo).round().astype(int).tolist()
         for r in range(self.self_training):
-            pseudo = []
-            for key, img in cohort.bar(cohort.items, f"classifier round {r}"):
-                feats = store.features(key, img)
-                pred = self.predict(classifier, key, img, store)
-                confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
-                pseudo.append((feats, _soft(pred.label(), C, tuple(feats.shape[1:])), confidence))
+            pseudo = cohort.map(pseudo_label, f"classifier round {r}", indices)
             classifier = copy.deepcopy(self.classifier).fit(base + pseudo, C)
         cohort.store.clock.add("classifier_s", start)
         return classifier

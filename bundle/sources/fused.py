@@ -114,15 +114,13 @@ class FusedSource(Source):
         self.absent_margin, self.absent_support = absent_margin, float(absent_support)
         self.switch_margin = switch_margin
 
-    def decide(
-        self, warped: list[Prediction], located: list[Prediction], similarity: torch.Tensor | None
-    ) -> list[Decision]:
-        """Per class, the source to use, from the cohort's warp and locator predictions and (N, C) similarities."""
+    def decide(self, agreement: torch.Tensor, similarity: torch.Tensor | None) -> list[Decision]:
+        """Per class, the source to use, from the cohort's (N, C) Dice between the warp's and the locator's masks and
+        (N, C) warp similarities."""
         other = (self.fallback or self.locator).kind
-        pw, pc = [p.masks() for p in warped], [p.masks() for p in located]
         decisions = []
-        for c in range(warped[0].logits.shape[0]):
-            agree = float(np.median([dice(a[c], b[c]) for a, b in zip(pw, pc)]))
+        for c in range(agreement.shape[1]):
+            agree = float(np.median(agreement[:, c].numpy()))
             found, sim = agree >= self.agreement, None
             if similarity is not None:
                 sim = round(float(similarity[:, c].median()), 3)
@@ -132,12 +130,18 @@ class FusedSource(Source):
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> FusedState:
         primary = self.primary.fit(reference, cohort)
-        store = cohort.store
-        warped = [self.primary.predict(primary, k, img, store) for k, img in cohort.bar(cohort.items, "warp")]
-        similarity = torch.stack([self.primary.similarity(primary, img) for _, img in cohort.items])
         locator = self.locator.fit(reference, cohort)
-        located = [self.locator.predict(locator, k, img, store) for k, img in cohort.bar(cohort.items, "classifier")]
-        decisions = self.decide(warped, located, similarity)
+        store = cohort.store
+
+        def compare(key: str, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per class, the Dice between the warp's and the locator's masks and the warp's similarity: (C,), (C,)."""
+            warped = self.primary.predict(primary, key, image, store).masks()
+            located = self.locator.predict(locator, key, image, store).masks()
+            agreement = torch.tensor([dice(a, b) for a, b in zip(warped, located)], dtype=torch.float64)
+            return agreement, self.primary.similarity(primary, image)
+
+        agreement, similarity = (torch.stack(x) for x in zip(*cohort.map(compare, "warp and classifier")))
+        decisions = self.decide(agreement, similarity)
         lost = torch.tensor([not d.primary for d in decisions])
         fallback = None
         if self.fallback is not None and lost.any():
@@ -156,15 +160,16 @@ class FusedSource(Source):
         it encloses another class in the reference)."""
         walls = walls or [False] * len(state.decisions)
         step = max(1, len(cohort.items) // self.confidence_sample)
-        iou, sam_support, label_support = [], [], []
-        for key, image in cohort.items[::step][: self.confidence_sample]:
+
+        def measure(key: str, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             pred = self._sam(state, key, image, cohort.store)
             itself = registered(self.primary.warped(state.primary, image), image.shape[:2])
             probs = self._located(state, key, image, cohort.store)
-            iou.append(pred.iou)
-            sam_support.append(_supports(probs, pred))
-            label_support.append(_supports(probs, itself))
-        iou, sam_support, label_support = torch.stack(iou), torch.stack(sam_support), torch.stack(label_support)
+            return pred.iou, _supports(probs, pred), _supports(probs, itself)
+
+        sample = range(0, len(cohort.items), step)[: self.confidence_sample]
+        measured = cohort.map(measure, "confidence", sample)
+        iou, sam_support, label_support = (torch.stack(m) for m in zip(*measured))
         decisions = []
         for c, d in enumerate(state.decisions):
             median = round(float(iou[:, c].median()), 3)

@@ -17,6 +17,7 @@ from bundle.classifier import REFERENCE_VIEWS, reference_views
 from bundle.decoder import SamDecoder
 from bundle.prediction import Prediction
 from bundle.prompts import Prompts
+from bundle.sam import Embedding
 from bundle.sources.base import Cohort, Source, register
 from bundle.store import EmbeddingStore, Reference
 
@@ -86,12 +87,14 @@ class PromiseSource(Source):
         keep = [0] + [i for i, (_, _, mirrored) in enumerate(REFERENCE_VIEWS, start=1) if not mirrored]
         views = [(store.reference_embedding(reference, v, images[v][0], levels=True), images[v][1], 1.0) for v in keep]
         state = PromiseState(self._fit(views, C), reference.parts)
+
+        def pseudo_label(key: str, img: np.ndarray) -> tuple[Embedding, np.ndarray, float]:
+            pred = self.predict(state, key, img, store)
+            confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
+            return store.embedding(key, img, levels=True), pred.label(), confidence
+
         for r in range(self.self_training):
-            pseudo = []
-            for key, img in cohort.bar(cohort.items, f"auto-prompter round {r}"):
-                pred = self.predict(state, key, img, store)
-                confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
-                pseudo.append((store.embedding(key, img, levels=True), pred.label(), confidence))
+            pseudo = cohort.map(pseudo_label, f"auto-prompter round {r}")
             state = PromiseState(self._fit(views + pseudo, C), reference.parts)
         store.clock.add("auto_prompting_s", start)
         return state

@@ -98,7 +98,7 @@ class ShiftedSource(Source):
         clock = store.clock.seconds
         clock["pattern_shift_s"] = round(clock.get("pattern_shift_s", 0.0) + log["seconds"], 2)
         logger.info("pattern shift: %d steps, loss %.3f -> %.3f", log["steps"], log["first_loss"], log["last_loss"])
-        inner = Cohort(cohort.items, ShiftedStore(store, shift), cohort.progress)  # type: ignore[arg-type]
+        inner = cohort.with_store(ShiftedStore(store, shift))
         return {"shift": shift, "inner": self.source.fit(reference, inner, classes)}
 
     def predict(self, state: dict[str, Any], key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:

@@ -107,22 +107,20 @@ class WarpSource(Source):
             cohort.store.clock.add("warp_training_s", start)
             first = 0
         state = self.trained_state(moving, moving_label, prototypes, reference.parts)
+
+        def pseudo_label(key: str, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            """SAM's answer as a one-hot (K, S, S) in the working frame, and its mean predicted IoU."""
+            p = self.predict(state, key, img, cohort.store)
+            onehot = one_hot(torch.from_numpy(p.label()), reference.num_classes)
+            return to_working(onehot, self.working_size, "nearest"), p.iou.mean()
+
         for r in range(first, self.rounds if self.decoder is not None else 0):
             start = time.time()
-            predictions = [
-                self.predict(state, k, img, cohort.store) for k, img in cohort.bar(cohort.items, f"round {r}")
-            ]
+            pseudo = cohort.map(pseudo_label, f"round {r}")
             cohort.store.clock.add("prompting_and_sam_decoding_s", start)
             start = time.time()
-            labels = torch.stack(
-                [
-                    to_working(
-                        one_hot(torch.from_numpy(p.label()), reference.num_classes), self.working_size, "nearest"
-                    )
-                    for p in predictions
-                ]
-            )
-            weights = torch.stack([p.iou.mean() for p in predictions]) if self.pseudo_iou_weight else None
+            labels = torch.stack([label for label, _ in pseudo])
+            weights = torch.stack([iou for _, iou in pseudo]) if self.pseudo_iou_weight else None
             self.trainer.set_pseudo_labels(labels, weights)
             self.trainer.fit()
             cohort.store.clock.add("warp_training_s", start)
