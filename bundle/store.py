@@ -127,8 +127,9 @@ class EmbeddingStore:
             embedding = self._encode(image, levels)
             if self.directory:
                 os.makedirs(self.directory, exist_ok=True)
-                torch.save(vars(embedding), self._path(key) + ".part")
-                os.replace(self._path(key) + ".part", self._path(key))
+                part = f"{self._path(key)}.{os.getpid()}.part"  # processes of one run may write the same key
+                torch.save(vars(embedding), part)
+                os.replace(part, self._path(key))
         self._embeddings[key] = embedding
         if self.max_in_memory is not None and len(self._embeddings) > self.max_in_memory:
             self._embeddings.popitem(last=False)

@@ -89,3 +89,24 @@ def test_label_values_map_to_class_indices():
 
     label = np.array([[0, 255, 7], [128, 300, 255]])
     np.testing.assert_array_equal(to_class_index(label, [128, 255]), [[0, 2, 0], [1, 0, 2]])
+
+
+def test_prepared_slices_on_disk_read_back_exactly(tmp_path):
+    from bundle.dataset import PrepareTarget, SliceFiles
+    from bundle.io import Case
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(rng.integers(0, 256, (90, 120), dtype=np.uint8)).save(tmp_path / "large.png")  # resized: float
+    for name in ("small", "large"):
+        case = Case(name, str(tmp_path / f"{name}.png"))
+        in_memory = PrepareTarget(max_size=64)(case)
+        prepare = PrepareTarget(max_size=64, slice_dir=str(tmp_path / "slices"))
+        on_disk = prepare(case)
+        assert isinstance(on_disk.images, SliceFiles) and list(on_disk.images) == [name]
+        image = on_disk.images[name]
+        assert image.dtype == np.float32 and np.array_equal(image, in_memory.images[name])
+    stored = sorted(p.name for p in (tmp_path / "slices" / "rank0").iterdir())
+    assert len(stored) == 2 and sum(n.endswith(".u8.npy") for n in stored) == 1  # 8-bit content as uint8
+    prepare.clear()
+    assert not (tmp_path / "slices").exists()

@@ -333,3 +333,28 @@ def test_fused_takes_the_locators_mask_in_the_one_image_where_the_cohorts_warp_l
     source.switch_margin = None  # the cohort's choice alone loses the moved structure
     key, (image, truth) = targets[-1]
     assert _dice(source.predict(state, key, image, store).label() == 1, truth == 1) < 0.5
+
+
+def test_store_on_disk_belongs_to_one_job(tmp_path):
+    directory = tmp_path / "emb"
+    store = EmbeddingStore(None, directory=str(directory))
+    store.bind("job-a")
+    stale = directory / ("0" * 40 + ".pt")
+    stale.write_bytes(b"an embedding of job a")
+    (directory / "notes.txt").write_text("not the store's")
+    store.bind("job-a")  # a rerun of the same job keeps them
+    assert stale.exists()
+    EmbeddingStore(None, directory=str(directory)).bind("job-b")  # another job never reuses them
+    assert not stale.exists() and (directory / "notes.txt").exists()
+
+
+def test_classifier_self_trains_on_a_bounded_sample_of_the_cohort(lite_medsam, monkeypatch):
+    ref_image, ref_label, targets = _cohort()
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 2)
+    decoder = SamDecoder(lite_medsam, PromptGenerator())
+    source = ClassifierSource(decoder, PatchClassifier(iterations=20), self_training=2, max_pseudo=2)
+    seen = []
+    predict = source.predict
+    monkeypatch.setattr(source, "predict", lambda state, key, *a, **k: seen.append(key) or predict(state, key, *a, **k))
+    source.fit(reference, cohort)
+    assert seen == ["t0", "t2", "t0", "t2"]  # two rounds over the first and last of three images
