@@ -30,9 +30,6 @@ class SliceItems(Sequence):
     def __init__(self, entries: list[tuple[str, Mapping[str, np.ndarray]]]):
         self.entries = entries
 
-    def keys(self) -> list[str]:
-        return [key for key, _ in self.entries]
-
     def __len__(self) -> int:
         return len(self.entries)
 
