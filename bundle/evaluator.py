@@ -17,7 +17,7 @@ from ignite.engine import Engine
 from tqdm import tqdm
 
 from bundle.dataset import Target
-from bundle.distributed import gather, is_main, owns
+from bundle.distributed import is_main, map_owned
 from bundle.inferer import OneShotInferer
 from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
 from bundle.model import OneShotModel
@@ -117,18 +117,23 @@ class OneShotEvaluator(Engine):
         return self.seconds
 
     def _segment_owned(self, targets: list[Target]) -> None:
-        """Several processes: segment and write the targets this one owns, then share what the tables need (classes
-        not found, review signals, errors); every target is then done (its label map on disk)."""
-        owned = [t for i, t in enumerate(targets) if owns(i) and not t.done]
-        errors_before = len(self.errors)
-        known = {}
-        for target in tqdm(owned, desc="segmenting", leave=False, disable=not (self.progress and is_main())):
-            _, missing, signals = self._segment(target)
-            known[target.case.id] = (missing, signals)
-        shared = gather({idist.get_rank(): (known, self.errors[errors_before:])})
-        self.errors = self.errors[:errors_before]
-        for rank in sorted(shared):
-            self.known.update(shared[rank][0])
-            self.errors.extend(shared[rank][1])
-        for target in targets:
+        """Several processes: segment and write the targets this one owns (``map_owned``), sharing what the tables need
+        (classes not found, review signals, errors); every target is then done (its label map on disk)."""
+
+        def segment(i: int) -> tuple[dict, dict, list[dict]] | None:
+            if targets[i].done:
+                return None
+            before = len(self.errors)
+            _, missing, signals = self._segment(targets[i])
+            errors = self.errors[before:]
+            del self.errors[before:]
+            return missing, signals, errors
+
+        def bar(positions: list[int]) -> Any:
+            return tqdm(positions, desc="segmenting", leave=False, disable=not (self.progress and is_main()))
+
+        for target, out in zip(targets, map_owned(segment, range(len(targets)), bar)):
+            if out is not None:
+                self.known[target.case.id] = (out[0], out[1])
+                self.errors.extend(out[2])
             target.done = True
