@@ -1,9 +1,8 @@
-"""MONAI Label infer task: one new image in, its label map out, with the bundle's fitted model.
+"""MONAI Label infer tasks over the served adapted model: ``oneshot`` (an image in, its label map out) and
+``oneshot_clicks`` (an annotator's clicks in, the clicked structure corrected).
 
-The pieces are the bundle's own ``configs/infer.yaml`` ids (``store``: SAM backend; ``preprocessing``: how the
-cohort run prepared its images; ``inferer``: the fitted model applied slice by slice with the post-processing),
-and the model is applied exactly as the cohort run applied it (``bundle.model.OneShotModel``). The label comes back
-in the image's geometry: an 8-bit PNG (H x W) for raster input, NIfTI with the image's affine otherwise.
+Labels come back in the image's geometry: an 8-bit PNG (H x W) for raster input, otherwise NIfTI with the image's
+affine and array layout (a NIfTI volume or DICOM series segmented slice by slice comes back as a volume).
 """
 
 from __future__ import annotations
@@ -11,98 +10,112 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
-import torch
-from monai.bundle import ConfigParser
+from lib.served import RequestError, ServedModel
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from bundle.io import Case, case_id, output_name, save_prediction
-from bundle.model import OneShotModel, load_model_file
+from bundle.dataset import Target
+from bundle.io import output_name, save_prediction
 
 logger = logging.getLogger(__name__)
 
 
-class OneShotInferTask(InferTask):
-    """Segments a new image with what a cohort run of the bundle fitted (no reference files, no retraining).
+def _write(values: np.ndarray, target: Target) -> str:
+    """(Z, H, W) label values -> a temporary PNG or NIfTI file in the image's geometry."""
+    suffix = ".png" if output_name(target.case).endswith(".png") else ".nii.gz"
+    out = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
+    return save_prediction(values, out, target.volume)
 
-    Args:
-        bundle_root: the bundle folder (holds ``configs/infer.yaml``).
-        model_path: the fitted model a cohort run of ``configs/inference.yaml`` saved (its ``adapted_model``).
-        device: where the bundle runs (``cpu`` / ``cuda``).
-    """
 
-    def __init__(self, bundle_root: str, model_path: str, device: str = "cpu"):
-        self.bundle_root, self.model_path, self.device = bundle_root, model_path, device
-        labels: Dict[str, int] = {}
-        if os.path.isfile(model_path):
-            state = load_model_file(model_path)
-            labels = {name: int(v) for name, v in zip(state["class_names"], state["class_values"])}
-        super().__init__(
-            type=InferType.SEGMENTATION,
-            labels=labels,
-            dimension=2,
-            description="One-shot SAM segmentation with the bundle's fitted model (adapt once, infer many)",
-        )
-        self._parts: Dict[str, Any] | None = None
-        self._lock = threading.Lock()
+def _size(target: Target) -> list[int]:
+    return list(target.shape[1:]) if target.shape[0] == 1 else list(target.shape)
 
-    def is_valid(self) -> bool:
-        return os.path.isfile(self.model_path)
+
+class _ServedTask(InferTask):
+    """An infer task over a ``ServedModel``: its labels are the served model's, read again when the model changes."""
+
+    def __init__(self, served: ServedModel, type: InferType, description: str):
+        self.served = served
+        super().__init__(type=type, labels={}, dimension=3, description=description)
+
+    @property
+    def labels(self) -> Dict[str, int]:  # the class map of the model on disk now (it changes after a train task)
+        return self.served.class_map()
+
+    @labels.setter
+    def labels(self, _value: Any) -> None:
+        pass
+
+    def is_valid(self) -> bool:  # listed before the first adaptation too: a train task makes the model
+        return True
 
     def get_path(self, validate: bool = True) -> Union[str, None]:
-        return self.model_path if (not validate or self.is_valid()) else None
+        return self.served.model_path if (not validate or os.path.isfile(self.served.model_path)) else None
 
-    def parts(self) -> Dict[str, Any]:
-        """``configs/infer.yaml``'s store, preprocessing and inferer, and the loaded model, built once."""
-        if self._parts is None:
-            parser = ConfigParser()
-            parser.read_config(os.path.join(self.bundle_root, "configs", "infer.yaml"))
-            parser.update(
-                {
-                    "bundle_root": self.bundle_root,
-                    "model_path": self.model_path,
-                    "device": f"$torch.device('{self.device}')",
-                }
-            )
-            parts = {k: parser.get_parsed_content(k) for k in ("store", "preprocessing", "inferer")}
-            parts["model"] = OneShotModel.load(self.model_path, parts["store"], self.device)
-            self._parts = parts
-        return self._parts
+    def run(self, request: Dict[str, Any]) -> Tuple[np.ndarray, Target, Dict[str, Any]]:
+        raise NotImplementedError
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict[str, Any]]:
-        """Run on ``request["image"]`` (a file path); returns (label file, result json)."""
-        if not self.is_valid():
-            raise FileNotFoundError(
-                f"adapted model not found: {self.model_path}; run configs/inference.yaml on a cohort first"
-            )
         start = time.time()
-        path = request["image"]
-        with self._lock:  # one embedding store and model: requests take turns
-            parts = self.parts()
-            model = parts["model"]
-            target = parts["preprocessing"](Case(case_id(path), path))
-            if target.error:
-                raise ValueError(f"{path}: {target.error}")
-            loaded = time.time()
-            with torch.no_grad():
-                label = parts["inferer"](target, model, parts["store"])[0]
-        done = time.time()
-        suffix = ".png" if output_name(target.case).endswith(".png") else ".nii.gz"
-        out = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
-        save_prediction(np.array([0, *model.class_values])[label], out, target.volume)
-        result = {
-            "label_names": dict(zip(model.class_names, model.class_values)),
-            "image_size": list(label.shape[1:]) if len(label) == 1 else list(label.shape),
-            "latencies": {
-                "pre": round(loaded - start, 3),
-                "infer": round(done - loaded, 3),
-                "post": round(time.time() - done, 3),
-                "total": round(time.time() - start, 3),
-            },
-        }
-        logger.info("one-shot infer on %s: %s", path, result["latencies"])
+        try:
+            values, target, result = self.run(request)
+        except RequestError as e:
+            logger.warning("%s: %s", type(self).__name__, e)
+            raise
+        written = time.time()
+        out = _write(values, target)
+        result.update(
+            {
+                "label_names": self.served.class_map(),
+                "image_size": _size(target),
+                "latencies": {
+                    "infer": round(written - start, 3),
+                    "write": round(time.time() - written, 3),
+                    "total": round(time.time() - start, 3),
+                },
+            }
+        )
+        logger.info("%s on %s: %s", type(self).__name__, request.get("image"), result["latencies"])
         return out, result
+
+
+class OneShotInferTask(_ServedTask):
+    """Segments a new image (2D, or a volume slice by slice) with what a cohort run fitted: no reference files, no
+    retraining."""
+
+    def __init__(self, served: ServedModel):
+        super().__init__(
+            served,
+            InferType.SEGMENTATION,
+            "One-shot SAM segmentation with the bundle's adapted model (2D images and volumes, slice by slice)",
+        )
+
+    def run(self, request: Dict[str, Any]) -> Tuple[np.ndarray, Target, Dict[str, Any]]:
+        values, target, _ = self.served.segment(request.get("image", ""))
+        return values, target, {}
+
+
+class ClickTask(_ServedTask):
+    """Corrects one structure from an annotator's clicks, reusing the image's cached SAM embedding.
+
+    Request: ``foreground`` / ``background`` points ((x, y) of a 2D image, (x, y, z) of a volume, as MONAI reads the
+    array), ``structure`` (class name or value; default the first), optional ``slice`` and ``label`` (the label
+    being corrected; default the model's own mask). Returns a label holding only that structure.
+    """
+
+    def __init__(self, served: ServedModel):
+        super().__init__(served, InferType.DEEPGROW, "Correct one structure with foreground / background clicks")
+
+    def run(self, request: Dict[str, Any]) -> Tuple[np.ndarray, Target, Dict[str, Any]]:
+        values, target, summary = self.served.correct(
+            request.get("image", ""),
+            request.get("structure"),
+            request.get("foreground") or [],
+            request.get("background") or [],
+            request.get("slice"),
+            request.get("label"),
+        )
+        return values, target, summary
