@@ -102,20 +102,24 @@ class ClickTask(_ServedTask):
     """Corrects one structure from an annotator's clicks, reusing the image's cached SAM embedding.
 
     Request: ``foreground`` / ``background`` points ((x, y) of a 2D image, (x, y, z) of a volume, as MONAI reads the
-    array), ``structure`` (class name or value; default the first), optional ``slice`` and ``label`` (the label
-    being corrected; default the model's own mask). Returns a label holding only that structure.
+    array), ``structure`` (class name or value; default the first), optional ``slice`` and ``label`` (the label file
+    being corrected, default the model's own mask; a ``label`` that is no file names the structure, as deepgrow
+    clients send it). Returns a label holding only that structure.
     """
 
     def __init__(self, served: ServedModel):
         super().__init__(served, InferType.DEEPGROW, "Correct one structure with foreground / background clicks")
 
     def run(self, request: Dict[str, Any]) -> Tuple[np.ndarray, Target, Dict[str, Any]]:
+        structure, label = request.get("structure"), request.get("label")
+        if isinstance(label, str) and label and not os.path.exists(label):
+            structure, label = structure or label, None  # a client naming the structure (segment) as ``label``
         values, target, summary = self.served.correct(
             request.get("image", ""),
-            request.get("structure"),
+            structure,
             request.get("foreground") or [],
             request.get("background") or [],
             request.get("slice"),
-            request.get("label"),
+            label,
         )
         return values, target, summary

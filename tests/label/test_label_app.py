@@ -129,15 +129,15 @@ def test_clicks_correct_the_clicked_structure_reusing_the_embedding(adapted_mode
     again = read_label(result["file"]) == 3
     assert again[y, x] and dice(again) > dice(after == 3)
     assert calls == []  # every click reused the embedding the first request cached
-    # clicks on a volume: (x, y, z); only the clicked slice holds the structure, in the volume's geometry
+    # clicks on a volume: (x, y, z), the structure named as deepgrow clients name it (``label``: the segment's name);
+    # only the clicked slice holds the structure, in the volume's geometry
     write_volume(jsrt, str(tmp_path / "volume.nii.gz"))
-    result = app.infer(
-        {"model": "oneshot_clicks", "image": str(tmp_path / "volume.nii.gz"), "foreground": [[150, 250, 2]]}
-    )
+    request = {"model": "oneshot_clicks", "image": str(tmp_path / "volume.nii.gz"), "label": "heart"}
+    result = app.infer({**request, "foreground": [[300, 330, 2]]})
     out = nib.load(result["file"])
     data = np.asarray(out.dataobj)
     assert np.allclose(out.affine, AFFINE, atol=1e-5) and data.shape == (512, 512, 3)
-    assert data[150, 250, 2] == 1 and not data[..., :2].any() and result["params"]["slice"] == 2
+    assert data[300, 330, 2] == 3 and not data[..., :2].any() and result["params"]["slice"] == 2
 
 
 def test_test_client_serves_and_refuses_bad_requests_with_4xx(adapted_model, studies, jsrt, tmp_path):
