@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.label.conftest import AFFINE, FAST, TEST_CASE, mean_dice, truth, write_volume
+from tests.label.conftest import AFFINE, FAST, TEST_CASE, mean_dice, truth, write_dicom_series, write_volume
 from tests.label.test_label_app import DICE_FLOOR, check_png, lungs_only_datastore
 
 if os.environ.get("ONESHOT_REQUIRE_LABEL") == "1":
@@ -77,6 +77,20 @@ def test_real_server_holds_a_bounded_concurrent_load(server, jsrt, capsys):
     assert requests.get(f"{url}/info/", timeout=30).status_code == 200
     with capsys.disabled():
         print(f"\nMONAI Label load test (real server, 2-core CPU when in CI): {summary}")
+
+
+def test_real_server_segments_a_dicom_series_folder(server, jsrt, tmp_path):
+    """A DICOM series as a folder on the server (as MONAI Label's DICOMweb datastore hands a series to the app):
+    a NIfTI label volume in the series' patient geometry comes back."""
+    url, _, _ = server
+    write_dicom_series(jsrt, str(tmp_path / "series"))
+    response = infer(url, "oneshot", str(tmp_path / "series"))
+    assert response.status_code == 200, response.text[-2000:]
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+    expected = np.diag([-0.7, -0.7, 2.5, 1.0])
+    expected[:3, 3] = [100.0, 120.0, 30.0]
+    assert out.shape == (512, 512, 3) and np.allclose(out.affine, expected, atol=1e-4)
+    assert mean_dice(np.asarray(out.dataobj)[..., 1].T, truth(jsrt)) > DICE_FLOOR
 
 
 def test_real_server_refuses_bad_requests_and_keeps_serving(server, jsrt):
