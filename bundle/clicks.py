@@ -19,6 +19,11 @@ from bundle.sam import Embedding, SamBackend
 __all__ = ["correct_mask", "clicks_honoured", "local_edit"]
 
 
+def _pixel(shape: tuple[int, ...], x: float, y: float) -> tuple[int, int]:
+    """(row, column) of the pixel holding point (x, y), clipped to a (H, W) image."""
+    return int(np.clip(round(y), 0, shape[0] - 1)), int(np.clip(round(x), 0, shape[1] - 1))
+
+
 def clicks_honoured(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> int:
     """How many clicks a (H, W) bool mask agrees with: foreground (P, 2) inside, background (Q, 2) outside; points
     as (x, y) pixels."""
@@ -43,10 +48,7 @@ def _box(
     if previous is not None and previous.any():
         corners.append(mask_to_box(previous).reshape(2, 2))
     for x, y in foreground:
-        if (
-            previous is None
-            or not previous[int(np.clip(round(y), 0, size[0] - 1)), int(np.clip(round(x), 0, size[1] - 1))]
-        ):
+        if previous is None or not previous[_pixel(size, x, y)]:
             corners.append(np.array([[x - margin, y - margin], [x + margin, y + margin]]))
     if not corners:
         return None
@@ -57,12 +59,11 @@ def _box(
 
 def _component(region: np.ndarray, x: float, y: float) -> np.ndarray:
     """The 8-connected part of a (H, W) bool ``region`` holding pixel (x, y) (empty when it is not in it)."""
-    h, w = region.shape
-    yi, xi = int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))
-    if not region[yi, xi]:
+    pixel = _pixel(region.shape, x, y)
+    if not region[pixel]:
         return np.zeros_like(region)
     _, labels = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
-    return labels == labels[yi, xi]
+    return labels == labels[pixel]
 
 
 def local_edit(
@@ -87,11 +88,11 @@ def disk_edit(previous: np.ndarray, foreground: np.ndarray, background: np.ndarr
     yy, xx = np.mgrid[:h, :w]
     for points, add in ((foreground, True), (background, False)):
         for x, y in points:
-            yi, xi = int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))
-            if out[yi, xi] == add:
+            pixel = _pixel(out.shape, x, y)
+            if out[pixel] == add:
                 continue
             region = (~out if add else out).astype(np.uint8)
-            r = min(float(cv2.distanceTransform(region, cv2.DIST_L2, 5)[yi, xi]), radius) if out.any() else radius
+            r = min(float(cv2.distanceTransform(region, cv2.DIST_L2, 5)[pixel]), radius) if out.any() else radius
             disk = (xx - x) ** 2 + (yy - y) ** 2 <= max(r, 1.0) ** 2
             out = out | disk if add else out & ~disk
     return out
