@@ -74,8 +74,8 @@ def _most_common(names: np.ndarray | None, num_classes: int) -> list[str]:
 
 class ReviewFlags:
     """Which targets a person should check (``bundle.qc``): per target and class the serving source, SAM's predicted
-    IoU, the locator's support, whether it was found, its area relative to the reference's, a confidence and
-    ``needs_review``.
+    IoU, the stability of its outline (and of the reference's), the locator's support, whether it was found, its
+    area relative to the reference's, a confidence and ``needs_review``.
 
     At the end: ``qc.csv`` (least confident targets first), ``engine.state.review`` (target ids, least confident
     first) and ``engine.state.review_summary`` (how many to review; where labels exist, how many of the targets with
@@ -92,13 +92,13 @@ class ReviewFlags:
 
     def _start(self, engine: Engine) -> None:
         self.ids: list[str] = []
-        self.signals: dict[str, list[np.ndarray]] = {"iou": [], "support": [], "area": []}
+        self.signals: dict[str, list[np.ndarray]] = {"iou": [], "stability": [], "support": [], "area": []}
         self.sources: list[list[str]] = []
 
     def _collect(self, engine: Engine) -> None:
         out, num_classes = engine.state.output, engine.model.num_classes
         self.ids.append(out["target"].case.id)
-        for name in ("iou", "support"):
+        for name in ("iou", "stability", "support"):
             values = out["signals"].get(name)
             with np.errstate(all="ignore"), warnings.catch_warnings():  # a class found on no slice: NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -111,13 +111,15 @@ class ReviewFlags:
         model = engine.model
         cohort = model.class_sources()
         sources = [[s or cohort[c] for c, s in enumerate(row)] for row in self.sources]
-        iou, support, area = (
-            np.array(self.signals[k]).reshape(-1, model.num_classes) for k in ("iou", "support", "area")
+        iou, stable, support, area = (
+            np.array(self.signals[k]).reshape(-1, model.num_classes) for k in ("iou", "stability", "support", "area")
         )
-        iou[np.array(sources, dtype=object).reshape(iou.shape) == "registration"] = np.nan  # the warped label itself
+        itself = np.array(sources, dtype=object).reshape(iou.shape) == "registration"  # the warped label, not SAM
+        iou[itself], stable[itself] = np.nan, np.nan
         area = area / np.maximum(model.reference_areas(), 1e-12)
         found = area > 0
-        conf = confidence(iou, area, found, support)
+        anchor = model.reference_stability(engine.store) if getattr(engine, "store", None) is not None else None
+        conf = confidence(iou, area, found, support, stable, anchor)
         image_conf = conf.min(1) if conf.size else np.zeros(0)
         order = np.argsort(image_conf, kind="stable")
         dice = {r["id"]: r["dice"] for r in getattr(engine.state, "rows", [])}
@@ -131,6 +133,8 @@ class ReviewFlags:
                         "class": name,
                         "source": sources[i][c],
                         "sam_iou": iou[i, c],
+                        "sam_stability": stable[i, c],
+                        "reference_stability": None if anchor is None else anchor[c],
                         "locator_support": support[i, c],
                         "found": bool(found[i, c]),
                         "area_vs_reference": area[i, c],

@@ -11,6 +11,7 @@ from monai.inferers import Inferer
 from bundle.dataset import Target
 from bundle.model import OneShotModel
 from bundle.prediction import Prediction
+from bundle.qc import outline_stability
 from bundle.store import EmbeddingStore
 from bundle.transforms import resize_label
 
@@ -38,17 +39,29 @@ class OneShotInferer(Inferer):
             label = np.asarray(self.postprocessing(torch.from_numpy(label)[None]))[0].astype(np.int64)
         return label, pred
 
+    @staticmethod
+    def stability(
+        model: OneShotModel, key: str, image: np.ndarray, store: EmbeddingStore, label: np.ndarray
+    ) -> torch.Tensor:
+        """Per class, the ``qc.outline_stability`` of its mask in one slice's (H, W) class indices: (C,)."""
+        embedding = store.embedding(key, image)
+        values = [
+            outline_stability(store.sam, embedding, label == c + 1, model.parts[c]) for c in range(model.num_classes)
+        ]
+        return torch.tensor(values)
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self, inputs: Target, network: OneShotModel, store: EmbeddingStore
     ) -> tuple[np.ndarray, dict[str, list[int]], dict[str, np.ndarray]]:
         """The label map (Z, H, W); per slice key, the indices of classes no prompt was found for; and per segmented
-        slice and class (S, C) the review signals ``iou`` (SAM's predicted IoU) and ``support`` (the locator's),
+        slice and class (S, C) the review signals ``iou`` (SAM's predicted IoU), ``stability``
+        (``qc.outline_stability`` of the class's mask) and ``support`` (the locator's),
         NaN where the class was not found or the source gives none, and ``source`` (the source that served it, ''
         where the model's source does not say)."""
         label = np.zeros(inputs.shape, np.int64)
         missing: dict[str, list[int]] = {}
-        signals: dict[str, list[np.ndarray]] = {"iou": [], "support": []}
+        signals: dict[str, list[np.ndarray]] = {"iou": [], "stability": [], "support": []}
         sources: list[list[str]] = []
         for z, key in enumerate(inputs.keys):
             if key is None:
@@ -56,7 +69,8 @@ class OneShotInferer(Inferer):
             lab, pred = self.slice_label(network, key, inputs.images[key], store)
             label[z] = lab if lab.shape == label.shape[1:] else resize_label(lab, label.shape[1:])
             found = pred.found.numpy().astype(bool)
-            for name, value in (("iou", pred.iou), ("support", pred.support)):
+            stable = self.stability(network, key, inputs.images[key], store, lab)
+            for name, value in (("iou", pred.iou), ("stability", stable), ("support", pred.support)):
                 value = np.full(len(found), np.nan) if value is None else value.float().numpy()
                 signals[name].append(np.where(found, value, np.nan))
             sources.append(pred.sources or [""] * len(found))

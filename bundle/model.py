@@ -18,6 +18,7 @@ import torch
 
 from bundle.layout import Layout, keep_parts
 from bundle.prediction import Prediction
+from bundle.qc import reference_stability
 from bundle.sources.base import Cohort, Source, load_source, save_source
 from bundle.store import EmbeddingStore, Reference
 
@@ -133,6 +134,15 @@ class OneShotModel:
         for group in self.groups:
             for i, c in enumerate(group.classes):
                 out[c] = float((group.reference.label == i + 1).mean())
+        return out
+
+    def reference_stability(self, store: EmbeddingStore) -> np.ndarray:
+        """Per class, the ``qc.reference_stability`` of its reference: (C,)."""
+        out = np.full(self.num_classes, np.nan)
+        for group in self.groups:
+            values = reference_stability(store, group.reference)
+            for i, c in enumerate(group.classes):
+                out[c] = values[i]
         return out
 
     def decisions(self) -> dict[str, dict[str, Any]]:

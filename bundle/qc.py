@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["area_fractions", "confidence", "flag_check", "robust_z", "REVIEW_BELOW"]
+from bundle.layout import components
+from bundle.prompts import masks_to_boxes
+from bundle.sam import Embedding, SamBackend
+from bundle.store import EmbeddingStore, Reference
+
+__all__ = ["area_fractions", "confidence", "flag_check", "outline_stability", "reference_stability", "robust_z"]
+__all__ += ["stability", "REVIEW_BELOW"]
 
 REVIEW_BELOW = 0.5  # a class result with a confidence below this needs review
 # the smallest spreads: differences below these are noise, never a reason to review
@@ -20,12 +27,44 @@ IOU_SPREAD = 0.05
 SUPPORT_SPREAD = 0.1
 AREA_SPREAD = 1.5  # a factor
 MIN_SUPPORT = 0.1  # a mask the locator backs less than this (inside minus around) needs review
+STABILITY_DROP = 0.065  # a mask whose outline is this much less stable than a right one's needs review
+STABILITY_SHARE = 0.75  # a right outline: the reference's, unless this quantile of the cohort's is less stable
+STABILITY_WIDTH = 0.05  # confidence falls from 1 to 0 over twice this around that point
 
 
 def area_fractions(label: np.ndarray, num_classes: int) -> np.ndarray:
     """Per class, the largest share of a slice it covers in a (Z, H, W) class-index label map: (C,)."""
     flat = label.reshape(len(label), -1)
     return np.array([(flat == c + 1).mean(1).max() for c in range(num_classes)], dtype=float)
+
+
+def stability(logits: torch.Tensor, offset: float = 1.0) -> torch.Tensor:
+    """Per class of (C, H, W) logits, the area above ``offset`` over the area above ``-offset`` (C,): near 1 for a
+    sharp outline, lower where SAM hesitates over where the boundary lies; NaN for a class empty at ``-offset``."""
+    flat = logits.flatten(1)
+    wide = (flat > -offset).sum(1).double()
+    return torch.where(wide > 0, (flat > offset).sum(1).double() / wide.clamp(min=1), torch.nan)
+
+
+def outline_stability(sam: SamBackend, embedding: Embedding, mask: np.ndarray, parts: int = 1) -> float:
+    """``stability`` of SAM's answer to the boxes of a (H, W) boolean ``mask``'s ``parts`` largest components (their
+    logits' maximum): how sharp SAM finds the outline of what the mask covers; NaN for an empty mask."""
+    found = components(mask, min_share=0.1)[: max(int(parts), 1)]
+    if not found:
+        return float("nan")
+    boxes, _ = masks_to_boxes(np.stack(found))
+    logits, _ = sam.predict(embedding, boxes=boxes)
+    return float(stability(logits[:, 0].amax(0, keepdim=True).float().cpu())[0])
+
+
+def reference_stability(store: EmbeddingStore, reference: Reference) -> np.ndarray:
+    """Per class of ``reference``, the ``outline_stability`` of its true mask: how sharp a right outline is in this
+    kind of image (C,); NaN for a class the label lacks."""
+    embedding = store.reference_embedding(reference)
+    parts = reference.parts
+    return np.array(
+        [outline_stability(store.sam, embedding, reference.label == c + 1, parts[c]) for c in range(len(parts))]
+    )
 
 
 def robust_z(values: np.ndarray, floor: float) -> np.ndarray:
@@ -43,13 +82,25 @@ def _low(z: np.ndarray) -> np.ndarray:
     return np.clip(1 - (-np.nan_to_num(z, nan=0.0) - 1) / 3, 0, 1)
 
 
-def confidence(iou: np.ndarray, area: np.ndarray, found: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+def confidence(
+    iou: np.ndarray,
+    area: np.ndarray,
+    found: np.ndarray,
+    support: np.ndarray | None = None,
+    stable: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+) -> np.ndarray:
     """Per image and class, in [0, 1], from SAM's predicted ``iou`` (N, C; NaN: not measured), ``area`` relative to
-    the reference (N, C), ``found`` (N, C) boolean and the locator's ``support`` of the mask (N, C; NaN or None: not
-    measured). 1 within one robust standard unit of the cohort's centre on every signal, falling to 0 at four units
-    (IoU and support: only below the centre; area: either side); below 0.5 also where SAM's IoU is below 0.5 or the
-    support below ``MIN_SUPPORT`` whatever the cohort; 0 where not found."""
+    the reference (N, C), ``found`` (N, C) boolean, the locator's ``support`` of the mask (N, C; NaN or None: not
+    measured) and the ``stability`` of its outline (N, C) against the ``reference_stability`` (C,). 1 within one
+    robust standard unit of the cohort's centre on every signal, falling to 0 at four units (IoU and support: only
+    below the centre; area: either side); below 0.5 also where SAM's IoU is below 0.5, the support below
+    ``MIN_SUPPORT`` or the stability more than ``STABILITY_DROP`` below the reference's (at most the cohort's
+    ``STABILITY_SHARE`` quantile), whatever the cohort's spread (when most of a cohort fails, failing is its norm); 0
+    where not found."""
     support = np.full(iou.shape, np.nan) if support is None else support
+    stable = np.full(iou.shape, np.nan) if stable is None else stable
+    reference = np.full(iou.shape[1], np.nan) if reference is None else np.asarray(reference, dtype=float)
     out = np.zeros(iou.shape, dtype=float)
     for c in range(iou.shape[1]):
         ok = found[:, c]
@@ -63,6 +114,13 @@ def confidence(iou: np.ndarray, area: np.ndarray, found: np.ndarray, support: np
         a_iou = np.clip((np.nan_to_num(iou[:, c], nan=1.0) - 0.3) / 0.4, 0, 1)
         a_support = np.clip(np.nan_to_num(support[:, c], nan=1.0) / (2 * MIN_SUPPORT), 0, 1)
         scores = [_low(z_iou), _low(z_support), s_area, a_iou, a_support]
+        values = stable[ok, c][~np.isnan(stable[ok, c])]
+        if not np.isnan(reference[c]) and values.size:
+            # the reference says how sharp a right outline is in these images (capped by the cohort's sharper
+            # quarter, for a reference sharper than its kind); a much softer one outlines something else
+            anchor = min(reference[c], float(np.quantile(values, STABILITY_SHARE)))
+            drop = anchor - np.nan_to_num(stable[:, c], nan=anchor)
+            scores.append(np.clip(0.5 - (drop - STABILITY_DROP) / (2 * STABILITY_WIDTH), 0, 1))
         out[:, c] = np.where(ok, np.minimum.reduce(scores), 0.0)
     return out
 

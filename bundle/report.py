@@ -37,7 +37,18 @@ def write_tables(output_dir: str, rows: list[dict], errors: list[dict[str, str]]
 
 def write_qc(output_dir: str, rows: list[dict[str, Any]]) -> None:
     """``qc.csv``: per target and class, the review signals (``bundle.handlers.ReviewFlags``), in the rows' order."""
-    fields = ["id", "class", "source", "sam_iou", "locator_support", "found", "area_vs_reference", "confidence"]
+    fields = [
+        "id",
+        "class",
+        "source",
+        "sam_iou",
+        "sam_stability",
+        "reference_stability",
+        "locator_support",
+        "found",
+        "area_vs_reference",
+        "confidence",
+    ]
     fields += ["needs_review", "dice"]
     with open(os.path.join(output_dir, "qc.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

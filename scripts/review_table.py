@@ -2,7 +2,8 @@
 
     python scripts/review_table.py /tmp/b/conf_jsrt/jsrt/bundle/qc.csv /tmp/b/conf_hc18/hc18/bundle/qc.csv ...
 
-The flags are recomputed from each qc.csv's signals (SAM IoU, locator support, area, found) with today's rule
+The flags are recomputed from each qc.csv's signals (SAM IoU, outline stability and the reference's, locator support,
+area, found; a qc.csv from before the stability columns is recounted without them) with today's rule
 (``bundle.qc.confidence``), so runs made before a rule change are judged by the same rule. A failure is an image
 whose mean Dice over its classes is below 0.5 (the qc.csv's ``dice`` column: runs on labelled images only).
 """
@@ -31,12 +32,14 @@ def review_row(path: str) -> dict[str, object]:
     ids = list(dict.fromkeys(r["id"] for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
     index, column = {i: k for k, i in enumerate(ids)}, {c: k for k, c in enumerate(classes)}
-    iou, support, area, dice = (np.full((len(ids), len(classes)), np.nan) for _ in range(4))
+    iou, stable, support, area, dice = (np.full((len(ids), len(classes)), np.nan) for _ in range(5))
+    anchor = np.full(len(classes), np.nan)
     for r in rows:
         i, c = index[r["id"]], column[r["class"]]
         iou[i, c], support[i, c] = _value(r["sam_iou"]), _value(r["locator_support"])
         area[i, c], dice[i, c] = _value(r["area_vs_reference"]), _value(r["dice"])
-    flagged = confidence(iou, area, area > 0, support).min(1) < REVIEW_BELOW
+        stable[i, c], anchor[c] = _value(r.get("sam_stability")), _value(r.get("reference_stability"))
+    flagged = confidence(iou, area, area > 0, support, stable, anchor).min(1) < REVIEW_BELOW
     truth = {i: list(dice[k]) for i, k in index.items() if not np.isnan(dice[k]).all()}
     return {"images": len(ids), "flagged": int(flagged.sum()), **flag_check(ids, flagged, truth)}
 

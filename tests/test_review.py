@@ -7,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from monai.utils import set_determinism
 from PIL import Image
 
-from bundle.qc import area_fractions, confidence
+from bundle.qc import area_fractions, confidence, outline_stability, reference_stability, stability
 from tests.test_workflow import _dataset, _workflow
 
 BROWSERS = ("chromium-headless-shell", "chromium", "google-chrome")
@@ -36,6 +37,51 @@ def test_confidence_is_low_only_for_the_result_that_strays_from_the_cohort():
     # NaN signals (not measured, e.g. the warped label serves the class) never flag by themselves
     iou[:, 0] = np.nan
     assert (confidence(iou, area, found, None)[:, 0] >= 0.5).sum() == n - 1
+
+
+def test_a_cohort_that_mostly_fails_is_flagged_by_outlines_softer_than_the_references():
+    """Half the cohort fails and is typical on every cohort-relative signal; only their softer outlines tell."""
+    rng = np.random.default_rng(1)
+    n = 20
+    iou, support = rng.normal(0.88, 0.01, (n, 1)), rng.normal(0.6, 0.03, (n, 1))
+    area, found = rng.normal(1.0, 0.05, (n, 1)), np.ones((n, 1), bool)
+    stable = rng.normal(0.93, 0.01, (n, 1))
+    stable[::2] = rng.normal(0.82, 0.02, (n // 2, 1))  # every other image: SAM hesitates over the outline
+    assert (confidence(iou, area, found, support) >= 0.5).all()  # today's cohort-relative signals see nothing
+    low = confidence(iou, area, found, support, stable, np.array([0.94])) < 0.5
+    assert low[::2].all() and not low[1::2].any()
+    # a reference sharper than anything in its cohort: the cohort's sharper quarter is the measure, no flood of flags
+    assert (confidence(iou, area, found, support, stable, np.array([0.995]))[1::2] >= 0.5).all()
+    assert (confidence(iou, area, found, support, stable, np.array([np.nan])) >= 0.5).all()  # unmeasured: no flag
+
+
+def test_outline_stability_is_high_on_a_structure_and_low_where_the_mask_outlines_nothing():
+    from bundle.sam import LiteMedSAM
+    from bundle.store import EmbeddingStore, Reference
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    disk = (yy - 45) ** 2 + (xx - 45) ** 2 < 20**2
+    image = rng.normal(60, 8, (128, 128))
+    image[disk] = rng.normal(200, 8, disk.sum())
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    nothing, straddle = np.zeros_like(disk), np.zeros_like(disk)
+    nothing[80:115, 75:115] = True  # flat background
+    straddle[30:75, 45:90] = True  # across the disk's edge
+    store = EmbeddingStore(LiteMedSAM())
+    embedding = store.embedding("x", image)
+    sharp = outline_stability(store.sam, embedding, disk)
+    assert sharp > 0.9
+    assert outline_stability(store.sam, embedding, nothing) < sharp - 0.1
+    assert outline_stability(store.sam, embedding, straddle) < sharp - 0.1
+    assert np.isnan(outline_stability(store.sam, embedding, np.zeros_like(disk)))
+    label = disk.astype(np.int64)
+    assert np.allclose(reference_stability(store, Reference(image, label, 2)), [sharp, np.nan], equal_nan=True)
+    logits = torch.full((3, 8, 8), -5.0)
+    logits[0, 2:6, 2:6] = 5.0  # a step: sharp
+    logits[1, 1:7, 1:7] = -0.5
+    logits[1, 2:6, 2:6] = 0.5  # nothing above 1: all hesitation
+    assert stability(logits)[:2].tolist() == [1.0, 0.0] and torch.isnan(stability(logits)[2])
 
 
 def test_area_fractions_take_the_largest_slice():
