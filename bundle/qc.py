@@ -3,7 +3,9 @@
 No ground truth is needed. Per class, over the cohort, the robust centre and spread (median, scaled median absolute
 deviation) of SAM's predicted IoU, of the locator's support of the mask and of the log area relative to the
 reference; an image whose IoU or support lies far below the cohort's (or below an absolute floor), whose area lies far
-from the cohort's, or where the class was not found, is flagged for review.
+from the cohort's, or where the class was not found, is flagged for review. So is one whose outline SAM finds much
+softer than the reference's true outline (``outline_stability``), which needs no cohort: it still flags failures in a
+cohort where failing is the norm.
 """
 
 from __future__ import annotations
