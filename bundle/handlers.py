@@ -118,7 +118,7 @@ class ReviewFlags:
         iou[itself], stable[itself] = np.nan, np.nan
         area = area / np.maximum(model.reference_areas(), 1e-12)
         found = area > 0
-        anchor = model.reference_stability(engine.store) if getattr(engine, "store", None) is not None else None
+        anchor = model.reference_stability(engine.store) if np.isfinite(stable).any() else None  # else: no SAM
         conf = confidence(iou, area, found, support, stable, anchor)
         image_conf = conf.min(1) if conf.size else np.zeros(0)
         order = np.argsort(image_conf, kind="stable")

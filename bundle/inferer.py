@@ -41,14 +41,19 @@ class OneShotInferer(Inferer):
 
     @staticmethod
     def stability(
-        model: OneShotModel, key: str, image: np.ndarray, store: EmbeddingStore, label: np.ndarray
+        model: OneShotModel, key: str, image: np.ndarray, store: EmbeddingStore, label: np.ndarray, pred: Prediction
     ) -> torch.Tensor:
-        """Per class, the ``qc.outline_stability`` of its mask in one slice's (H, W) class indices: (C,)."""
+        """Per class, the ``qc.outline_stability`` of its mask in one slice's (H, W) class indices: (C,); NaN for a
+        class the warped label serves (``pred.sources``), and for every class without a SAM backend."""
+        values = torch.full((model.num_classes,), torch.nan, dtype=torch.float64)
+        if store.sam is None:
+            return values
         embedding = store.embedding(key, image)
-        values = [
-            outline_stability(store.sam, embedding, label == c + 1, model.parts[c]) for c in range(model.num_classes)
-        ]
-        return torch.tensor(values)
+        sources = pred.sources or [""] * model.num_classes
+        for c in range(model.num_classes):
+            if sources[c] != "registration":
+                values[c] = outline_stability(store.sam, embedding, label == c + 1, model.parts[c])
+        return values
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -69,7 +74,7 @@ class OneShotInferer(Inferer):
             lab, pred = self.slice_label(network, key, inputs.images[key], store)
             label[z] = lab if lab.shape == label.shape[1:] else resize_label(lab, label.shape[1:])
             found = pred.found.numpy().astype(bool)
-            stable = self.stability(network, key, inputs.images[key], store, lab)
+            stable = self.stability(network, key, inputs.images[key], store, lab, pred)
             for name, value in (("iou", pred.iou), ("stability", stable), ("support", pred.support)):
                 value = np.full(len(found), np.nan) if value is None else value.float().numpy()
                 signals[name].append(np.where(found, value, np.nan))
