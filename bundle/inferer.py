@@ -57,13 +57,14 @@ class OneShotInferer(Inferer):
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
-        self, inputs: Target, network: OneShotModel, store: EmbeddingStore
+        self, inputs: Target, network: OneShotModel, store: EmbeddingStore, review: bool = True
     ) -> tuple[np.ndarray, dict[str, list[int]], dict[str, np.ndarray]]:
         """The label map (Z, H, W); per slice key, the indices of classes no prompt was found for; and per segmented
         slice and class (S, C) the review signals ``iou`` (SAM's predicted IoU), ``stability``
         (``qc.outline_stability`` of the class's mask) and ``support`` (the locator's),
         NaN where the class was not found or the source gives none, and ``source`` (the source that served it, ''
-        where the model's source does not say)."""
+        where the model's source does not say). ``review`` False: no ``stability`` (NaN), which costs one more SAM
+        decode per class and slice, for callers that only want the label map."""
         label = np.zeros(inputs.shape, np.int64)
         missing: dict[str, list[int]] = {}
         signals: dict[str, list[np.ndarray]] = {"iou": [], "stability": [], "support": []}
@@ -74,7 +75,11 @@ class OneShotInferer(Inferer):
             lab, pred = self.slice_label(network, key, inputs.images[key], store)
             label[z] = lab if lab.shape == label.shape[1:] else resize_label(lab, label.shape[1:])
             found = pred.found.numpy().astype(bool)
-            stable = self.stability(network, key, inputs.images[key], store, lab, pred)
+            stable = (
+                self.stability(network, key, inputs.images[key], store, lab, pred)
+                if review
+                else torch.full((len(found),), torch.nan)
+            )
             for name, value in (("iou", pred.iou), ("stability", stable), ("support", pred.support)):
                 value = np.full(len(found), np.nan) if value is None else value.float().numpy()
                 signals[name].append(np.where(found, value, np.nan))

@@ -97,3 +97,24 @@ def test_a_shifted_source_round_trips_through_the_adapted_model(shifted_model, l
         assert torch.allclose(got.logits, want.logits, atol=1e-4)
         plain = model.groups[0].source.source.predict(model.groups[0].state["inner"], key, img, store)
         assert not torch.allclose(plain.logits, want.logits, atol=1e-4)  # the shift is applied when predicting
+
+
+@pytest.mark.parametrize("in_fitting", [True, False])
+def test_the_shift_reaches_the_sources_fitting_only_when_asked(lite_medsam, in_fitting):
+    image, label = _scene((60, 75), 22, 0)
+    targets = [("t0", _scene((50, 85), 18, 1)[0])]
+    seen = []
+
+    class Probe(PerSamSource):
+        def fit(self, reference, cohort, classes=None):
+            seen.append(cohort.store.embedding(*cohort.items[0]).token_shift)  # what the source's own decodes get
+            return super().fit(reference, cohort, classes)
+
+    decoder = SamDecoder(lite_medsam)
+    source = ShiftedSource(Probe(decoder), decoder, steps=4, in_fitting=in_fitting)
+    store = EmbeddingStore(lite_medsam)
+    state = source.fit(Reference(image, label, 1), Cohort(targets, store))
+    assert (seen[0] is not None) == in_fitting
+    shifted_pred = source.predict(state, "t0", targets[0][1], store)
+    plain = source.source.predict(state["inner"], "t0", targets[0][1], store)
+    assert not torch.allclose(shifted_pred.logits, plain.logits, atol=1e-4)  # predicting is shifted either way

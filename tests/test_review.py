@@ -92,6 +92,29 @@ def test_area_fractions_take_the_largest_slice():
     assert np.allclose(area_fractions(label, 3), [0.5, 0.5, 0.0])
 
 
+def test_the_inferer_leaves_the_stability_decode_out_when_no_review_is_wanted(flagged_run):
+    from bundle.dataset import PrepareTarget
+    from bundle.inferer import OneShotInferer
+    from bundle.io import Case
+    from bundle.model import OneShotModel
+    from bundle.sam import LiteMedSAM
+    from bundle.store import EmbeddingStore
+
+    store = EmbeddingStore(LiteMedSAM())
+    model = OneShotModel.load(str(flagged_run / "model.pt"), store)
+    target = PrepareTarget()(Case("c1", str(flagged_run.parent / "data" / "images" / "c1.png")))
+    decodes = []
+    predict = store.sam.predict
+    store.sam.predict = lambda *a, **k: decodes.append(1) or predict(*a, **k)
+    label, _, signals = OneShotInferer()(target, model, store)
+    full = len(decodes)
+    quick, _, quick_signals = OneShotInferer()(target, model, store, review=False)
+    assert np.array_equal(label, quick) and label.any()
+    assert np.isfinite(signals["stability"]).all() and np.isnan(quick_signals["stability"]).all()
+    assert len(decodes) - full < full  # fewer SAM decodes without the review signal
+    assert np.array_equal(signals["iou"], quick_signals["iou"])
+
+
 @pytest.fixture(scope="module")
 def flagged_run(tmp_path_factory):
     """A cohort run of 9 targets where c6's image no longer shows its structure: its prediction is wrong."""

@@ -1,5 +1,6 @@
 """Any source with pattern shifting (``ips: true``): SAM's mask tokens shifted per image by a network fitted on the
-reference's views, for every decode the source makes, in fitting and in predicting. SAM's weights never change."""
+reference's views, for every decode the source makes in predicting and, unless told otherwise, in fitting too. SAM's
+weights never change."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class ShiftedSource(Source):
         lr: Adam learning rate.
         hidden: hidden width of the shift's MLP.
         box_only: train on box-only prompts every other step too (the prompter's own prompts otherwise).
+        in_fitting: the source is fitted with shifted decodes too (its self-training, its choices); False: fitted as
+            without the shift, which then changes only the masks it predicts.
         seed: seeds the views' prompt perturbations.
     """
 
@@ -68,11 +71,12 @@ class ShiftedSource(Source):
         lr: float = 1e-3,
         hidden: int = 1024,
         box_only: bool = False,
+        in_fitting: bool = True,
         seed: int = 0,
     ):
         self.source, self.decoder = source, decoder
         self.steps, self.lr, self.hidden, self.seed = int(steps), float(lr), int(hidden), seed
-        self.box_only = bool(box_only)
+        self.box_only, self.in_fitting = bool(box_only), bool(in_fitting)
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> dict[str, Any]:
         if self.decoder is None:
@@ -98,7 +102,7 @@ class ShiftedSource(Source):
         clock = store.clock.seconds
         clock["pattern_shift_s"] = round(clock.get("pattern_shift_s", 0.0) + log["seconds"], 2)
         logger.info("pattern shift: %d steps, loss %.3f -> %.3f", log["steps"], log["first_loss"], log["last_loss"])
-        inner = cohort.with_store(ShiftedStore(store, shift))
+        inner = cohort.with_store(ShiftedStore(store, shift)) if self.in_fitting else cohort
         return {"shift": shift, "inner": self.source.fit(reference, inner, classes)}
 
     def predict(self, state: dict[str, Any], key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:

@@ -127,7 +127,7 @@ class ServedModel:
             model = parts["model"]
             target = self.prepare(path, parts["preprocessing"])
             with torch.no_grad():
-                index = parts["inferer"](target, model, parts["store"])[0]
+                index = parts["inferer"](target, model, parts["store"], review=False)[0]
         return np.array([0, *model.class_values])[index], target, model
 
     def correct(
