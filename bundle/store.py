@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,13 +29,16 @@ __all__ = ["Clock", "EmbeddingStore", "Reference"]
 
 
 class Clock:
-    """Seconds spent per stage of a run, added up."""
+    """Seconds spent per stage of a run, added up; and the process's peak resident memory (MB) when each stage last
+    ended (which stage the run's peak memory is reached in)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
 
     def add(self, stage: str, start: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 2)
+        self.peak_mb[stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 @dataclass(eq=False)

@@ -83,6 +83,7 @@ class _Run:
             "seconds_per_image": round(total / max(len(targets), 1), 3),
             "peak_memory_mb": round(peak, 1),
             "seconds_by_stage": {**store.clock.seconds, "prompting_and_sam_decoding_s": round(seconds, 2)},
+            "peak_memory_mb_by_stage": {**store.clock.peak_mb, "prompting_and_sam_decoding_s": round(peak, 1)},
             "not_found": getattr(state, "not_found", []),
             "review": getattr(state, "review_summary", {}),
             "strategy_decisions": model.decisions(),

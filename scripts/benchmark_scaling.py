@@ -81,6 +81,19 @@ def table(results: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def peak_table(results: dict[int, dict]) -> str:
+    """Peak MB of the run when each stage last ended (runs from before this was recorded: left out)."""
+    results = {n: s for n, s in results.items() if s.get("peak_memory_mb_by_stage")}
+    if not results:
+        return ""
+    stages = sorted({k for s in results.values() for k in s["peak_memory_mb_by_stage"]})
+    head = "| targets | " + " | ".join(f"peak MB after {s.removesuffix('_s')}" for s in stages) + " |"
+    lines = [head, "|" + "---|" * (1 + len(stages))]
+    for n, s in results.items():
+        lines.append(f"| {n} | " + " | ".join(f"{s['peak_memory_mb_by_stage'].get(k, 0):.0f}" for k in stages) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", required=True)
@@ -97,11 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
         data = flipped_cohort(args.dataset_dir, n, os.path.join(out_root, "cohort"))
         out = os.path.join(out_root, f"bundle_{n}")
         results[n] = _isolated(run_bundle, data, 0, {"progress": False, **overrides}, out)
-        print(table(results), flush=True)
+        print(table(results), peak_table(results), sep="\n\n", flush=True)
     if args.markdown:
         name = os.path.basename(os.path.normpath(args.dataset_dir))
         note = f"(default config; cohort: {name}'s cases after the reference, then flipped copies; {_machine()})"
-        write_markdown(args.markdown, f"scaling, {name}", command, table(results) + "\n\n" + note)
+        tables = table(results) + "\n\n" + peak_table(results)
+        write_markdown(args.markdown, f"scaling, {name}", command, tables + "\n\n" + note)
     return results
 
 

@@ -85,6 +85,9 @@ def test_unreadable_target_is_reported_and_others_segmented(tmp_path):
         assert key in summary
     assert summary["per_class"]["blob"] > 70
     assert (out / "overlays" / "c1.png").exists() and (out / "metrics.csv").read_text().startswith("id,dice_blob")
+    peaks = summary["peak_memory_mb_by_stage"]  # which stage the run's memory peaks in
+    assert set(peaks) >= {"warp_training_s", "prompting_and_sam_decoding_s"}
+    assert 0 < peaks["warp_training_s"] <= peaks["prompting_and_sam_decoding_s"] == summary["peak_memory_mb"]
 
 
 def _stamps(out):

@@ -5,6 +5,7 @@ weights never change."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -99,8 +100,7 @@ class ShiftedSource(Source):
             self.seed,
             box_only=self.box_only,
         )
-        clock = store.clock.seconds
-        clock["pattern_shift_s"] = round(clock.get("pattern_shift_s", 0.0) + log["seconds"], 2)
+        store.clock.add("pattern_shift_s", time.time() - log["seconds"])
         logger.info("pattern shift: %d steps, loss %.3f -> %.3f", log["steps"], log["first_loss"], log["last_loss"])
         inner = cohort.with_store(ShiftedStore(store, shift)) if self.in_fitting else cohort
         return {"shift": shift, "inner": self.source.fit(reference, inner, classes)}
