@@ -21,6 +21,7 @@ __all__ = [
     "label_frame",
     "probability_frame",
     "probable_region",
+    "probable_regions",
     "inscribed_circle",
     "candidate_frames",
     "combine_frames",
@@ -56,6 +57,17 @@ def probable_region(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray | No
         return None
     mass = ndimage.sum(prob, regions, index=np.arange(1, n + 1))
     return regions == int(np.argmax(mass)) + 1
+
+
+def probable_regions(prob: np.ndarray, count: int, threshold: float = 0.5, min_share: float = 0.1) -> list[np.ndarray]:
+    """Up to ``count`` connected regions of a (H, W) probability map above ``threshold``, most probable first (by
+    probability mass), each with at least ``min_share`` of the first one's mass ([] when none)."""
+    regions, n = ndimage.label(prob > threshold)
+    if n == 0:
+        return []
+    mass = ndimage.sum(prob, regions, index=np.arange(1, n + 1))
+    order = np.argsort(-mass, kind="stable")[: max(int(count), 1)]
+    return [regions == int(i) + 1 for i in order if mass[i] >= min_share * mass[order[0]]]
 
 
 def probability_frame(prob: np.ndarray, threshold: float = 0.5) -> Frame | None:

@@ -72,6 +72,7 @@ class PatchClassifier:
         self.hidden, self.iterations, self.pixels_per_map = hidden, iterations, pixels_per_map
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.head: torch.nn.Module | None = None
+        self.parts: list[int] | None = None  # per class, its separate parts in the reference (set by its source)
 
     def _new_head(self, in_features: int, num_classes: int) -> torch.nn.Module:
         return torch.nn.Sequential(

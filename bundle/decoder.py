@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bundle.alignment import probable_region
+from bundle.alignment import probable_regions
 from bundle.layout import components
 from bundle.prediction import Prediction
 from bundle.prompts import PromptGenerator, Prompts, mask_to_box, masks_to_boxes
@@ -160,16 +160,34 @@ class SamDecoder:
             self.decode(embedding, Prompts(box, None, None, None, valid), True, pred.logits, pred.iou)
 
     @torch.no_grad()
-    def from_regions(self, embedding: Embedding, probs: torch.Tensor) -> Prediction:
-        """SAM on the box of the most probable connected region of each class in a (C + 1, H, W) probability map."""
+    def from_regions(self, embedding: Embedding, probs: torch.Tensor, parts: Sequence[int] | None = None) -> Prediction:
+        """SAM on the box of the most probable connected region of each class in a (C + 1, H, W) probability map;
+        ``parts`` (C,): a class in k separate parts (its reference's) is prompted with a box on each of its k most
+        probable regions, their masks united (highest logit) and their predicted IoUs averaged."""
         C = probs.shape[0] - 1
-        boxes = np.zeros((C, 4), np.float32)
-        valid = torch.zeros(C, dtype=torch.bool)
-        for c in range(C):
-            region = probable_region(probs[c + 1].numpy())
-            if region is not None:
-                boxes[c], valid[c] = mask_to_box(region), True
         pred = Prediction.empty(C, embedding.original_size)
-        prompts = Prompts(torch.from_numpy(boxes), None, None, None, valid)
-        self.decode(embedding, prompts, False, pred.logits, pred.iou)
+        boxes, owner = [], []
+        for c in range(C):
+            count = 1 if parts is None else int(parts[c])
+            for region in probable_regions(probs[c + 1].numpy(), count):
+                boxes.append(mask_to_box(region))
+                owner.append(c)
+        owner_t = torch.tensor(owner, dtype=torch.long)
+        valid = torch.zeros(C, dtype=torch.bool)
+        valid[owner_t] = True
+        box = np.zeros((C, 4), np.float32)
+        for c in range(C):  # the class-level prompt (for pictures): its most probable region's box
+            if valid[c]:
+                box[c] = boxes[owner.index(c)]
+        prompts = Prompts(torch.from_numpy(box), None, None, None, valid)
+        if len(owner) == int(valid.sum()):  # one region per class
+            self.decode(embedding, prompts, False, pred.logits, pred.iou)
+            return Prediction(pred.logits, pred.iou, valid, prompts)
+        rows = Prompts(torch.from_numpy(np.stack(boxes)), None, None, None, torch.ones(len(owner), dtype=torch.bool))
+        part_logits = torch.full((len(owner), *pred.logits.shape[1:]), -20.0)
+        part_iou = torch.zeros(len(owner))
+        self.decode(embedding, rows, False, part_logits, part_iou)
+        for c in torch.unique(owner_t).tolist():
+            mine = owner_t == c
+            pred.logits[c], pred.iou[c] = part_logits[mine].amax(0), part_iou[mine].mean()
         return Prediction(pred.logits, pred.iou, valid, prompts)

@@ -358,3 +358,26 @@ def test_classifier_self_trains_on_a_bounded_sample_of_the_cohort(lite_medsam, m
     monkeypatch.setattr(source, "predict", lambda state, key, *a, **k: seen.append(key) or predict(state, key, *a, **k))
     source.fit(reference, cohort)
     assert seen == ["t0", "t2", "t0", "t2"]  # two rounds over the first and last of three images
+
+
+def test_the_classifier_source_outlines_every_part_of_a_class_in_two_parts(lite_medsam):
+    size = (96, 128)
+    rng = np.random.default_rng(3)
+
+    def case(dx):
+        label = (disk(size, (48, 30 + dx), 14) | disk(size, (48, 96 + dx), 14)).astype(np.int64)  # one class, 2 parts
+        image = 40 + 8 * rng.standard_normal(size) + 160 * label
+        return image.astype(np.float32), label
+
+    ref_image, ref_label = case(0)
+    targets = [(f"t{i}", case(dx)) for i, dx in enumerate((2, -2, 3))]
+    reference, cohort, store = _setup(lite_medsam, ref_image, ref_label, targets, 1)
+    assert reference.parts == [2]
+    source = ClassifierSource(SamDecoder(lite_medsam), PatchClassifier(iterations=100), self_training=0)
+    state = source.fit(reference, cohort)
+    for key, (image, truth) in targets:
+        pred = source.predict(state, key, image, store)
+        assert _dice(pred.label() == 1, truth == 1) > 0.8, key  # both discs, not the most probable one alone
+    state.parts = None  # as before: one box on the most probable region
+    one = source.predict(state, "t0", targets[0][1][0], store)
+    assert _dice(one.label() == 1, targets[0][1][1] == 1) < 0.7

@@ -1,7 +1,8 @@
 """The patch classifier as a source: where each structure is, from frozen features, wherever it sits.
 
 Fitted at test time on the reference and augmented views of it, then self-trained on SAM's answers for the cohort
-(weighted by SAM's confidence). Its prediction is SAM on the box of each class's most probable region; its
+(weighted by SAM's confidence). Its prediction is SAM on the box of each class's most probable region (of its k most
+probable regions for a class in k separate parts in the reference, e.g. both lungs as one class); its
 probability maps also tell other sources (``aligned``) where a structure is and how large.
 """
 
@@ -64,7 +65,7 @@ class ClassifierSource(Source):
         ):
             feats = store.reference_features(reference, view, img)
             base.append((feats, _soft(lab, C, tuple(feats.shape[1:])), 1.0))
-        classifier = copy.deepcopy(self.classifier).fit(base, C)
+        classifier = self._fitted(base, C, reference.parts)
 
         def pseudo_label(key: str, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
             feats = store.features(key, img)
@@ -77,8 +78,14 @@ class ClassifierSource(Source):
             indices = np.linspace(0, n - 1, self.max_pseudo).round().astype(int).tolist()
         for r in range(self.self_training):
             pseudo = cohort.map(pseudo_label, f"classifier round {r}", indices)
-            classifier = copy.deepcopy(self.classifier).fit(base + pseudo, C)
+            classifier = self._fitted(base + pseudo, C, reference.parts)
         cohort.store.clock.add("classifier_s", start)
+        return classifier
+
+    def _fitted(self, samples: list, num_classes: int, parts: list[int]) -> PatchClassifier:
+        """A fresh copy of the classifier trained on ``samples``, with the reference's ``parts`` per class."""
+        classifier = copy.deepcopy(self.classifier).fit(samples, num_classes)
+        classifier.parts = list(parts)
         return classifier
 
     @staticmethod
@@ -99,7 +106,7 @@ class ClassifierSource(Source):
         embedding = store.embedding(key, image)
         if probs is None:
             probs = PatchClassifier.upsample(self.grid(state, key, image, store), embedding.original_size)
-        return self.decoder.from_regions(embedding, probs)
+        return self.decoder.from_regions(embedding, probs, state.parts)
 
     def state_dict(self, state: PatchClassifier) -> dict[str, Any]:
         return {"classifier": state.state_dict(), "decoder": self.decoder.settings()}
@@ -109,4 +116,6 @@ class ClassifierSource(Source):
         cls, state: dict[str, Any], reference: Reference, store: EmbeddingStore, device: torch.device
     ) -> tuple["ClassifierSource", PatchClassifier]:
         source = cls(SamDecoder.from_settings(store.sam, state["decoder"]))
-        return source, PatchClassifier().load_state_dict(state["classifier"])
+        classifier = PatchClassifier().load_state_dict(state["classifier"])
+        classifier.parts = reference.parts
+        return source, classifier
