@@ -121,15 +121,28 @@ class SamDecoder:
             return whole
         prototypes_rows = None if prototypes is None else prototypes[owner]
         parts = self.prompter(self.sam, embedding, rows, prototypes_rows)
+        self.decode_united(embedding, parts, owner, multimask, logits, iou)
+        return whole
+
+    def decode_united(
+        self,
+        embedding: Embedding,
+        parts: Prompts,
+        owner: list[int],
+        multimask: bool,
+        logits: torch.Tensor,
+        iou: torch.Tensor,
+    ) -> None:
+        """``decode`` on one prompt row per part (``owner``: the class of each row); writes each class's parts united
+        (highest logit) into ``logits`` (C, H, W) and their mean predicted IoU into ``iou``."""
         part_logits = torch.full((len(owner), *logits.shape[1:]), -20.0)
         part_iou = torch.zeros(len(owner))
         self.decode(embedding, parts, multimask, part_logits, part_iou)
-        owner_t = torch.tensor(owner)
-        for c in range(probs.shape[0]):
+        owner_t = torch.tensor(owner, dtype=torch.long)
+        for c in range(logits.shape[0]):
             mine = (owner_t == c) & parts.valid
             if mine.any():
                 logits[c], iou[c] = part_logits[mine].amax(0), part_iou[mine].mean()
-        return whole
 
     @torch.no_grad()
     def segment(
@@ -184,10 +197,5 @@ class SamDecoder:
             self.decode(embedding, prompts, False, pred.logits, pred.iou)
             return Prediction(pred.logits, pred.iou, valid, prompts)
         rows = Prompts(torch.from_numpy(np.stack(boxes)), None, None, None, torch.ones(len(owner), dtype=torch.bool))
-        part_logits = torch.full((len(owner), *pred.logits.shape[1:]), -20.0)
-        part_iou = torch.zeros(len(owner))
-        self.decode(embedding, rows, False, part_logits, part_iou)
-        for c in torch.unique(owner_t).tolist():
-            mine = owner_t == c
-            pred.logits[c], pred.iou[c] = part_logits[mine].amax(0), part_iou[mine].mean()
+        self.decode_united(embedding, rows, owner, False, pred.logits, pred.iou)
         return Prediction(pred.logits, pred.iou, valid, prompts)
