@@ -99,7 +99,12 @@ class PatchClassifier:
         self.head = head.eval()
         return self
 
-    def _sample(self, feats: torch.Tensor, soft: torch.Tensor, gen: torch.Generator):
+    def pixels(
+        self, feats: torch.Tensor, soft: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, h, w) features, (C + 1, h, w) soft labels -> ``pixels_per_map`` sampled pixels: (n, D), (n, C + 1), half
+        of them inside labelled structures where there are any."""
+        feats, soft = feats.float().cpu(), soft.float().cpu()
         D = feats.shape[0]
         x, y = feats.reshape(D, -1).T, soft.reshape(soft.shape[0], -1).T
         n = min(self.pixels_per_map, x.shape[0])
@@ -111,13 +116,14 @@ class PatchClassifier:
         return x[pick], y[pick]
 
     def fit(self, samples: list[tuple[torch.Tensor, torch.Tensor, float]], num_classes: int) -> "PatchClassifier":
-        """Train from (features (D, h, w), one-hot soft labels (C + 1, h, w), weight) triples."""
+        """Train from (features (D, h, w), one-hot soft labels (C + 1, h, w), weight) triples, whose pixels are sampled
+        here, or from (features (n, D), soft labels (n, C + 1), weight) triples already sampled (``pixels``)."""
         gen = torch.Generator().manual_seed(self.seed)
         xs, ys, ws = [], [], []
         for feats, soft, weight in samples:
             if weight <= 0:
                 continue
-            x, y = self._sample(feats.float().cpu(), soft.float().cpu(), gen)
+            x, y = self.pixels(feats, soft, gen) if feats.ndim == 3 else (feats.float(), soft.float())
             xs.append(x)
             ys.append(y)
             ws.append(torch.full((len(x),), float(weight)))

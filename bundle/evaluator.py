@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from bundle.dataset import Target
 from bundle.distributed import is_main, map_owned
+from bundle.heap import trim
 from bundle.inferer import OneShotInferer
 from bundle.io import output_name, read_label_volume, save_prediction, to_class_index
 from bundle.model import OneShotModel
@@ -91,6 +92,7 @@ class OneShotEvaluator(Engine):
         paths = output_paths(self.output_dir, target)
         start = time.time()
         label, missing, signals = self.inferer(target, model, self.store)
+        trim()  # the target's freed working memory goes back to the system (flat memory over a long cohort)
         self.seconds += time.time() - start
         save_prediction(values[label], paths[0], target.volume)
         if target.dicom_sources is not None:

@@ -51,6 +51,21 @@ def test_patch_classifier_learns_classes_from_one_map_and_finds_them_elsewhere()
         assert dice > 0.8, (c, dice)
 
 
+def test_patch_classifier_trains_the_same_on_pixels_sampled_ahead_as_on_whole_maps():
+    # the classifier source keeps only sampled pixels of each self-training image (bounded memory): same training
+    ref = np.zeros((48, 48), np.int64)
+    ref[disk((48, 48), (20, 24), 9)] = 1
+    soft = F.one_hot(torch.from_numpy(ref), 2).permute(2, 0, 1).float()
+    feats = _features(ref, 0)
+    whole = PatchClassifier(iterations=40, pixels_per_map=256).fit([(feats, soft, 0.7)], num_classes=1)
+    sampler = PatchClassifier(pixels_per_map=256)
+    x, y = sampler.pixels(feats, soft, torch.Generator().manual_seed(sampler.seed))
+    assert x.shape == (256, 8) and y.shape == (256, 2)
+    assert y[:, 1].sum() >= 128  # at least half the pixels from inside the structure
+    ahead = PatchClassifier(iterations=40, pixels_per_map=256).fit([(x, y, 0.7)], num_classes=1)
+    assert torch.equal(whole(feats, (48, 48)), ahead(feats, (48, 48)))
+
+
 def test_patch_classifier_refuses_prediction_before_fit():
     with pytest.raises(RuntimeError, match="fit"):
         PatchClassifier()(torch.zeros(8, 4, 4), (8, 8))

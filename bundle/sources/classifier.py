@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -68,10 +69,13 @@ class ClassifierSource(Source):
         classifier = self._fitted(base, C, reference.parts)
 
         def pseudo_label(key: str, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+            """Sampled pixels of SAM's answer for one image ((n, D) features, (n, C + 1) labels) and its confidence:
+            a few pixels per image instead of its whole feature map, so memory stays small."""
             feats = store.features(key, img)
             pred = self.predict(classifier, key, img, store)
             confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
-            return feats, _soft(pred.label(), C, tuple(feats.shape[1:])), confidence
+            gen = torch.Generator().manual_seed(classifier.seed + zlib.crc32(key.encode()))
+            return (*classifier.pixels(feats, _soft(pred.label(), C, tuple(feats.shape[1:])), gen), confidence)
 
         n, indices = len(cohort.items), None
         if self.max_pseudo is not None and n > self.max_pseudo:
