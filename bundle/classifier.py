@@ -99,34 +99,39 @@ class PatchClassifier:
         self.head = head.eval()
         return self
 
-    def pixels(
-        self, feats: torch.Tensor, soft: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, h, w) features, (C + 1, h, w) soft labels -> ``pixels_per_map`` sampled pixels: (n, D), (n, C + 1), half
-        of them inside labelled structures where there are any."""
-        feats, soft = feats.float().cpu(), soft.float().cpu()
-        D = feats.shape[0]
-        x, y = feats.reshape(D, -1).T, soft.reshape(soft.shape[0], -1).T
-        n = min(self.pixels_per_map, x.shape[0])
-        inside = torch.nonzero(y[:, 1:].sum(1) > 0.5)[:, 0]
+    def _pick(self, soft: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Flat indices (n,) of ``pixels_per_map`` pixels of a (C + 1, h, w) label map, half of them inside labelled
+        structures where there are any."""
+        y = soft.reshape(soft.shape[0], -1)
+        n = min(self.pixels_per_map, y.shape[1])
+        inside = torch.nonzero(y[1:].sum(0) > 0.5)[:, 0]
         k = min(len(inside), n // 2)
-        pick = torch.cat(
-            [inside[torch.randperm(len(inside), generator=gen)[:k]], torch.randperm(x.shape[0], generator=gen)[: n - k]]
+        return torch.cat(
+            [inside[torch.randperm(len(inside), generator=gen)[:k]], torch.randperm(y.shape[1], generator=gen)[: n - k]]
         )
-        return x[pick], y[pick]
+
+    def picks(self, softs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pixels ``fit`` samples from each of these (C + 1, h, w) label maps given in this order: flat indices
+        (n,) per map. Sampling them ahead lets a caller keep a few pixels per image instead of its feature map."""
+        gen = torch.Generator().manual_seed(self.seed)
+        return [self._pick(soft.float().cpu(), gen) for soft in softs]
 
     def fit(self, samples: list[tuple[torch.Tensor, torch.Tensor, float]], num_classes: int) -> "PatchClassifier":
         """Train from (features (D, h, w), one-hot soft labels (C + 1, h, w), weight) triples, whose pixels are sampled
-        here, or from (features (n, D), soft labels (n, C + 1), weight) triples already sampled (``pixels``)."""
+        here, followed by any (features (n, D), soft labels (n, C + 1), weight) triples sampled ahead at ``picks``
+        (samples of weight 0 are left out and draw nothing)."""
         gen = torch.Generator().manual_seed(self.seed)
         xs, ys, ws = [], [], []
         for feats, soft, weight in samples:
             if weight <= 0:
                 continue
-            x, y = self.pixels(feats, soft, gen) if feats.ndim == 3 else (feats.float(), soft.float())
-            xs.append(x)
-            ys.append(y)
-            ws.append(torch.full((len(x),), float(weight)))
+            feats, soft = feats.float().cpu(), soft.float().cpu()
+            if feats.ndim == 3:
+                pick = self._pick(soft, gen)
+                feats, soft = feats.reshape(feats.shape[0], -1).T[pick], soft.reshape(soft.shape[0], -1).T[pick]
+            xs.append(feats)
+            ys.append(soft)
+            ws.append(torch.full((len(feats),), float(weight)))
         x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
         torch.manual_seed(self.seed)
         head = self._new_head(x.shape[1], num_classes)

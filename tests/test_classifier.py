@@ -52,18 +52,23 @@ def test_patch_classifier_learns_classes_from_one_map_and_finds_them_elsewhere()
 
 
 def test_patch_classifier_trains_the_same_on_pixels_sampled_ahead_as_on_whole_maps():
-    # the classifier source keeps only sampled pixels of each self-training image (bounded memory): same training
-    ref = np.zeros((48, 48), np.int64)
-    ref[disk((48, 48), (20, 24), 9)] = 1
-    soft = F.one_hot(torch.from_numpy(ref), 2).permute(2, 0, 1).float()
-    feats = _features(ref, 0)
-    whole = PatchClassifier(iterations=40, pixels_per_map=256).fit([(feats, soft, 0.7)], num_classes=1)
+    # the classifier source keeps only the pixels fit would draw of each self-training image (bounded memory)
+    first, second = np.zeros((48, 48), np.int64), np.zeros((48, 48), np.int64)
+    first[disk((48, 48), (20, 24), 9)] = 1
+    second[disk((48, 48), (30, 14), 6)] = 1
+    maps = [
+        (_features(lab, i), F.one_hot(torch.from_numpy(lab), 2).permute(2, 0, 1).float())
+        for i, lab in enumerate((first, second))
+    ]
+    whole = PatchClassifier(iterations=40, pixels_per_map=256).fit([(f, s, 0.7) for f, s in maps], num_classes=1)
     sampler = PatchClassifier(pixels_per_map=256)
-    x, y = sampler.pixels(feats, soft, torch.Generator().manual_seed(sampler.seed))
-    assert x.shape == (256, 8) and y.shape == (256, 2)
-    assert y[:, 1].sum() >= 128  # at least half the pixels from inside the structure
-    ahead = PatchClassifier(iterations=40, pixels_per_map=256).fit([(x, y, 0.7)], num_classes=1)
-    assert torch.equal(whole(feats, (48, 48)), ahead(feats, (48, 48)))
+    picks = sampler.picks([s for _, s in maps])
+    assert [p.shape for p in picks] == [(256,), (256,)] and not torch.equal(picks[0], picks[1])
+    f, s = maps[1]
+    x, y = f.reshape(8, -1).T[picks[1]], s.reshape(2, -1).T[picks[1]]
+    assert y[:, 1].sum() >= min(128, s[1].sum())  # half the pixels (or all it has) from inside the structure
+    ahead = PatchClassifier(iterations=40, pixels_per_map=256).fit([(*maps[0], 0.7), (x, y, 0.7)], num_classes=1)
+    assert torch.equal(whole(f, (48, 48)), ahead(f, (48, 48)))
 
 
 def test_patch_classifier_refuses_prediction_before_fit():

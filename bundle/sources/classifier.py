@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import time
-import zlib
 from typing import Any
 
 import numpy as np
@@ -68,20 +67,29 @@ class ClassifierSource(Source):
             base.append((feats, _soft(lab, C, tuple(feats.shape[1:])), 1.0))
         classifier = self._fitted(base, C, reference.parts)
 
-        def pseudo_label(key: str, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
-            """Sampled pixels of SAM's answer for one image ((n, D) features, (n, C + 1) labels) and its confidence:
-            a few pixels per image instead of its whole feature map, so memory stays small."""
-            feats = store.features(key, img)
+        def answer(key: str, img: np.ndarray) -> tuple[str, torch.Tensor, float]:
+            """SAM's answer for one image as (C + 1, h, w) soft labels on its feature grid, and its confidence."""
+            grid = tuple(store.features(key, img).shape[1:])
             pred = self.predict(classifier, key, img, store)
             confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
-            gen = torch.Generator().manual_seed(classifier.seed + zlib.crc32(key.encode()))
-            return (*classifier.pixels(feats, _soft(pred.label(), C, tuple(feats.shape[1:])), gen), confidence)
+            return key, _soft(pred.label(), C, grid), confidence
 
-        n, indices = len(cohort.items), None
+        n, indices = len(cohort.items), list(range(len(cohort.items)))
         if self.max_pseudo is not None and n > self.max_pseudo:
             indices = np.linspace(0, n - 1, self.max_pseudo).round().astype(int).tolist()
         for r in range(self.self_training):
-            pseudo = cohort.map(pseudo_label, f"classifier round {r}", indices)
+            answers = cohort.map(answer, f"classifier round {r}", indices)
+            used = [(i, a) for i, a in zip(indices, answers) if a[2] > 0]
+            # only the pixels the classifier trains on are kept of each image's features (the draw fit would make)
+            picks = self.classifier.picks([soft for _, soft, _ in base] + [a[1] for _, a in used])[len(base) :]
+            pick = {a[0]: p for (_, a), p in zip(used, picks)}
+
+            def sampled(key: str, img: np.ndarray, pick: dict = pick) -> torch.Tensor:
+                feats = store.features(key, img).float().cpu()
+                return feats.reshape(feats.shape[0], -1).T[pick[key]]
+
+            pixels = cohort.map(sampled, f"classifier round {r} pixels", [i for i, _ in used])
+            pseudo = [(x, a[1].reshape(C + 1, -1).T[p], a[2]) for x, (_, a), p in zip(pixels, used, picks)]
             classifier = self._fitted(base + pseudo, C, reference.parts)
         cohort.store.clock.add("classifier_s", start)
         return classifier

@@ -18,6 +18,7 @@ from lib.served import RequestError, ServedModel
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from bundle.dataset import Target
+from bundle.heap import trim
 from bundle.io import output_name, save_prediction
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class _ServedTask(InferTask):
             raise
         written = time.time()
         out = _write(values, target)
+        trim()  # a long-lived server: what the request freed goes back to the system
         result.update(
             {
                 "label_names": self.served.class_map(),
