@@ -69,10 +69,11 @@ class ClassifierSource(Source):
 
         def answer(key: str, img: np.ndarray) -> tuple[str, torch.Tensor, float]:
             """SAM's answer for one image as (C + 1, h, w) soft labels on its feature grid, and its confidence."""
-            grid = tuple(store.features(key, img).shape[1:])
-            pred = self.predict(classifier, key, img, store)
+            probs = self.grid(classifier, key, img, store)  # on the feature grid, computed once for both uses
+            size = store.embedding(key, img).original_size
+            pred = self.predict(classifier, key, img, store, PatchClassifier.upsample(probs, size))
             confidence = float(pred.iou[pred.found].mean()) if pred.found.any() else 0.0
-            return key, _soft(pred.label(), C, grid), confidence
+            return key, _soft(pred.label(), C, tuple(probs.shape[1:])), confidence
 
         n, indices = len(cohort.items), list(range(len(cohort.items)))
         if self.max_pseudo is not None and n > self.max_pseudo:
