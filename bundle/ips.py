@@ -94,12 +94,14 @@ def fit_shift(
     move: float = 0.05,
     scale: float = 0.1,
     box_only: bool = False,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> tuple[PatternShift, dict]:
     """Train ``shift`` on labelled ``views`` ((embedding, (H, W) class-index label) pairs); SAM is not changed.
 
     Each step takes one view: every class present in it is decoded from box + mask prompts of a copy of its mask
     moved and rescaled by up to ``move`` / ``scale`` (``perturb``), every other step (``box_only``) from the box alone,
-    and Dice + BCE against the true mask drives the shift. Returns the shift (eval mode)
+    and Dice + BCE against the true mask drives the shift, each class's term weighted by ``weights[view][class]``
+    ((C,) per view, e.g. SAM's predicted IoU of a pseudo-label; None: 1). Returns the shift (eval mode)
     and a log (loss before / after, seconds).
     """
     start = time.time()
@@ -108,18 +110,19 @@ def fit_shift(
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.Adam(shift.parameters(), lr=lr)
     data = []
-    for embedding, label in views:
+    for i, (embedding, label) in enumerate(views):
         masks = one_hot(torch.from_numpy(np.asarray(label)), num_classes)[1:]
-        present = masks.flatten(1).any(1)
+        weight = torch.ones(num_classes) if weights is None else torch.as_tensor(weights[i], dtype=torch.float32)
+        present = masks.flatten(1).any(1) & (weight > 0)
         if present.any():
-            data.append((embedding, masks[present], _low_res_target(masks[present], embedding, sam)))
+            data.append((embedding, masks[present], _low_res_target(masks[present], embedding, sam), weight[present]))
     if not data:
         return shift.eval(), {"steps": 0, "seconds": 0.0}
     first = last = float("nan")
     shift.train()
     with torch.enable_grad():
         for step in range(int(steps)):
-            embedding, masks, target = data[int(torch.randint(len(data), (1,), generator=generator))]
+            embedding, masks, target, weight = data[int(torch.randint(len(data), (1,), generator=generator))]
             prompts = prompter(sam, embedding, perturb(masks, generator, move, scale))
             keep = prompts.valid
             if not keep.any():
@@ -129,7 +132,11 @@ def fit_shift(
             kwargs = {"boxes": prompts.boxes[keep]} if box_only and step % 2 else prompts.rows(keep)
             sparse, dense = _encode_prompts(sam, e, **kwargs)
             low_res, _ = sam.decode_low_res(e, sparse, dense)
-            loss = loss_fn(low_res, target[keep])
+            w = weight[keep]
+            if bool((w == 1).all()):
+                loss = loss_fn(low_res, target[keep])
+            else:
+                loss = sum(wi * loss_fn(low_res[j : j + 1], target[keep][j : j + 1]) for j, wi in enumerate(w)) / len(w)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

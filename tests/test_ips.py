@@ -118,3 +118,42 @@ def test_the_shift_reaches_the_sources_fitting_only_when_asked(lite_medsam, in_f
     shifted_pred = source.predict(state, "t0", targets[0][1], store)
     plain = source.source.predict(state["inner"], "t0", targets[0][1], store)
     assert not torch.allclose(shifted_pred.logits, plain.logits, atol=1e-4)  # predicting is shifted either way
+
+
+def test_a_view_weighted_zero_is_left_out_and_unit_weights_change_nothing(lite_medsam):
+    image, label = _scene((60, 75), 22, 0)
+    views = [(lite_medsam.encode(img), lab) for img, lab in [(image, label), *reference_views(image, label)][:3]]
+    wrong = (lite_medsam.encode(_scene((40, 40), 15, 5)[0]), np.roll(label, 30, axis=1))
+    prompter = PromptGenerator()
+
+    def fitted(views, weights=None):
+        shift, _ = fit_shift(PatternShift(hidden=64), lite_medsam, prompter, views, 1, steps=6, weights=weights)
+        return torch.cat([p.detach().flatten() for p in shift.parameters()])
+
+    torch.manual_seed(0)
+    plain = fitted(views)
+    torch.manual_seed(0)
+    assert torch.equal(fitted(views, [[1.0]] * 3), plain)
+    torch.manual_seed(0)
+    assert torch.equal(fitted(views + [wrong], [[1.0]] * 3 + [[0.0]]), plain)  # weight 0: never drawn
+    torch.manual_seed(0)
+    assert not torch.equal(fitted(views + [wrong], [[1.0]] * 3 + [[0.7]]), plain)
+
+
+def test_the_shift_trains_on_the_cohorts_own_masks_when_asked(lite_medsam):
+    image, label = _scene((60, 75), 22, 0)
+    targets = [(f"t{i}", _scene(c, r, i + 1)[0]) for i, (c, r) in enumerate((((50, 85), 18), ((66, 64), 26)))]
+    decoder, store = SamDecoder(lite_medsam), EmbeddingStore(lite_medsam)
+    reference = Reference(image, label, 1)
+    states = {}
+    for pseudo in (0, 2):
+        torch.manual_seed(0)
+        source = ShiftedSource(PerSamSource(decoder), decoder, steps=4, pseudo=pseudo)
+        states[pseudo] = source.fit(reference, Cohort(targets, store))
+    first, more = states[0]["shift"].state_dict(), states[2]["shift"].state_dict()
+    assert any(not torch.equal(first[k], more[k]) for k in first)  # trained further on the cohort's masks
+    key, img = targets[0]
+    a = source.predict(states[0], key, img, store)
+    b = source.predict(states[2], key, img, store)
+    assert a.found.all() and b.found.all()
+    assert not torch.allclose(a.logits, b.logits, atol=1e-4)

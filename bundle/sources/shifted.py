@@ -1,9 +1,10 @@
 """Any source with pattern shifting (``ips: true``): SAM's mask tokens shifted per image by a network fitted on the
-reference's views, for every decode the source makes in predicting and, unless told otherwise, in fitting too. SAM's
-weights never change."""
+reference's views (optionally then on the cohort's own masks too), for every decode the source makes in predicting
+and, unless told otherwise, in fitting too. SAM's weights never change."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -59,6 +60,9 @@ class ShiftedSource(Source):
         box_only: train on box-only prompts every other step too (the prompter's own prompts otherwise).
         in_fitting: the source is fitted with shifted decodes too (its self-training, its choices); False: fitted as
             without the shift, which then changes only the masks it predicts.
+        pseudo: after the source is fitted, the shift trains ``steps`` more on the reference's views and the masks the
+            shifted source predicts for this many cohort images (evenly spaced), each class weighted by SAM's
+            predicted IoU (0: the reference's views only).
         seed: seeds the views' prompt perturbations.
     """
 
@@ -73,9 +77,10 @@ class ShiftedSource(Source):
         hidden: int = 1024,
         box_only: bool = False,
         in_fitting: bool = True,
+        pseudo: int = 0,
         seed: int = 0,
     ):
-        self.source, self.decoder = source, decoder
+        self.source, self.decoder, self.pseudo = source, decoder, int(pseudo)
         self.steps, self.lr, self.hidden, self.seed = int(steps), float(lr), int(hidden), seed
         self.box_only, self.in_fitting = bool(box_only), bool(in_fitting)
 
@@ -103,7 +108,50 @@ class ShiftedSource(Source):
         store.clock.add("pattern_shift_s", time.time() - log["seconds"])
         logger.info("pattern shift: %d steps, loss %.3f -> %.3f", log["steps"], log["first_loss"], log["last_loss"])
         inner = cohort.with_store(ShiftedStore(store, shift)) if self.in_fitting else cohort
-        return {"shift": shift, "inner": self.source.fit(reference, inner, classes)}
+        state = self.source.fit(reference, inner, classes)
+        if self.pseudo > 0 and len(cohort.items):
+            shift = self._fit_on_cohort(copy.deepcopy(shift), state, labelled, reference.num_classes, cohort)
+        return {"shift": shift, "inner": state}
+
+    def _fit_on_cohort(
+        self,
+        shift: PatternShift,
+        state: Any,
+        labelled: list[tuple[Embedding, np.ndarray]],
+        num_classes: int,
+        cohort: Cohort,
+    ) -> PatternShift:
+        """``shift`` trained further on ``labelled`` and the shifted source's own masks for ``pseudo`` cohort images,
+        each class weighted by SAM's predicted IoU (0 where it was not found)."""
+        start, store = time.time(), cohort.store
+        n = len(cohort.items)
+        indices = sorted(set(np.linspace(0, n - 1, min(self.pseudo, n)).round().astype(int).tolist()))
+        shifted_store = ShiftedStore(store, shift)
+
+        def answer(key: str, image: np.ndarray) -> tuple[Embedding, np.ndarray, torch.Tensor]:
+            pred = self.source.predict(state, key, image, shifted_store)
+            return store.embedding(key, image), pred.label().astype(np.uint8), (pred.iou * pred.found).clamp(0, 1)
+
+        answers = cohort.map(answer, "pattern shift on the cohort's masks", indices)
+        views = labelled + [(e, lab) for e, lab, _ in answers]
+        weights = [[1.0] * num_classes] * len(labelled) + [w.tolist() for _, _, w in answers]
+        shift, log = fit_shift(
+            shift.train(),
+            self.decoder.sam,
+            self.decoder.prompter,
+            views,
+            num_classes,
+            self.steps,
+            self.lr,
+            self.seed + 1,
+            box_only=self.box_only,
+            weights=weights,
+        )
+        store.clock.add("pattern_shift_s", start)
+        logger.info(
+            "pattern shift on %d cohort masks: loss %.3f -> %.3f", len(answers), log["first_loss"], log["last_loss"]
+        )
+        return shift
 
     def predict(self, state: dict[str, Any], key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         return self.source.predict(state["inner"], key, image, ShiftedStore(store, state["shift"]))
