@@ -5,6 +5,7 @@ and, unless told otherwise, in fitting too. SAM's weights never change."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -130,10 +131,13 @@ class ShiftedSource(Source):
 
         def answer(key: str, image: np.ndarray) -> tuple[Embedding, np.ndarray, torch.Tensor]:
             pred = self.source.predict(state, key, image, shifted_store)
-            return store.embedding(key, image), pred.label().astype(np.uint8), (pred.iou * pred.found).clamp(0, 1)
+            e = store.embedding(key, image)  # on the CPU: gathered from its owner with several processes
+            e = dataclasses.replace(e, features=e.features.cpu(), levels=None, token_shift=None)
+            return e, pred.label().astype(np.uint8), (pred.iou * pred.found).clamp(0, 1)
 
         answers = cohort.map(answer, "pattern shift on the cohort's masks", indices)
-        views = labelled + [(e, lab) for e, lab, _ in answers]
+        device = labelled[0][0].features.device
+        views = labelled + [(dataclasses.replace(e, features=e.features.to(device)), lab) for e, lab, _ in answers]
         weights = [[1.0] * num_classes] * len(labelled) + [w.tolist() for _, _, w in answers]
         shift, log = fit_shift(
             shift.train(),
