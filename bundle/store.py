@@ -15,7 +15,7 @@ import resource
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -71,9 +71,10 @@ class EmbeddingStore:
     Args:
         sam: the SAM backend.
         features: matching features (None: the SAM encoder's; else e.g. ``Dinov2Features``).
-        directory: keep target embeddings on disk here too (None: in memory only).
-        max_in_memory: at most this many target embeddings stay in memory (None: all); others are read back from
-            ``directory`` or, without one, encoded again.
+        directory: keep target embeddings (and matching features of a ``features`` encoder) on disk here too (None:
+            in memory only).
+        max_in_memory: at most this many target embeddings (and as many matching features) stay in memory (None:
+            all); others are read back from ``directory`` or, without one, encoded again.
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class EmbeddingStore:
         self.directory, self.max_in_memory = directory, max_in_memory
         self.clock = Clock()
         self._embeddings: OrderedDict[str, Embedding] = OrderedDict()
-        self._features: dict[str, torch.Tensor] = {}
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def bind(self, job: str) -> None:
         """Tie the embeddings on disk to one job (``bundle.job.fingerprint``): those of another job (another backend,
@@ -108,6 +109,16 @@ class EmbeddingStore:
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    def _save(self, value: Any, path: str) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        part = f"{path}.{os.getpid()}.part"  # processes of one run may write the same key
+        torch.save(value, part)
+        os.replace(part, path)
+
+    def _bounded(self, cache: OrderedDict) -> None:
+        if self.max_in_memory is not None and len(cache) > self.max_in_memory:
+            cache.popitem(last=False)
 
     def _encode(self, image: np.ndarray, levels: bool = False) -> Embedding:
         start = time.time()
@@ -130,22 +141,28 @@ class EmbeddingStore:
         else:
             embedding = self._encode(image, levels)
             if self.directory:
-                os.makedirs(self.directory, exist_ok=True)
-                part = f"{self._path(key)}.{os.getpid()}.part"  # processes of one run may write the same key
-                torch.save(vars(embedding), part)
-                os.replace(part, self._path(key))
+                self._save(vars(embedding), self._path(key))
         self._embeddings[key] = embedding
-        if self.max_in_memory is not None and len(self._embeddings) > self.max_in_memory:
-            self._embeddings.popitem(last=False)
+        self._bounded(self._embeddings)
         return embedding
 
     def features(self, key: str, image: np.ndarray) -> torch.Tensor:
         """(D, h, w) L2-normalised matching features of target ``key``."""
         if self.feature_encoder is None:
             return sam_patch_features(self.embedding(key, image), self.sam.img_size)
-        if key not in self._features:
-            self._features[key] = self.feature_encoder(image)
-        return self._features[key]
+        if key in self._features:
+            self._features.move_to_end(key)
+            return self._features[key]
+        path = self._path(f"{key}#features") if self.directory else None
+        if path and os.path.isfile(path):
+            features = torch.load(path, weights_only=True)
+        else:
+            features = self.feature_encoder(image)
+            if path:
+                self._save(features, path)
+        self._features[key] = features
+        self._bounded(self._features)
+        return features
 
     def reference_embedding(
         self, reference: Reference, view: int = 0, image: np.ndarray | None = None, levels: bool = False

@@ -381,3 +381,22 @@ def test_the_classifier_source_outlines_every_part_of_a_class_in_two_parts(lite_
     state.parts = None  # as before: one box on the most probable region
     one = source.predict(state, "t0", targets[0][1][0], store)
     assert _dice(one.label() == 1, targets[0][1][1] == 1) < 0.7
+
+
+def test_store_keeps_matching_features_within_its_memory_budget(lite_medsam, tmp_path):
+    _, _, targets = _cohort()
+    calls = []
+
+    def encoder(image):
+        calls.append(1)
+        return torch.from_numpy(np.ascontiguousarray(image[None, ::8, ::8])).float()
+
+    for directory in (str(tmp_path / "emb"), None):
+        calls.clear()
+        store = EmbeddingStore(lite_medsam, features=encoder, directory=directory, max_in_memory=1)
+        first = {k: store.features(k, img).clone() for k, (img, _) in targets}
+        assert len(store._features) == 1 and len(calls) == len(targets)
+        for k, (img, _) in targets:
+            assert torch.equal(store.features(k, img), first[k])
+        # read back from disk, or without a directory computed again: memory does not grow with the cohort
+        assert len(calls) == (len(targets) if directory else 2 * len(targets))
