@@ -8,6 +8,7 @@ from bundle.sources.fused import Decision, FusedSource
 from bundle.sources.match import MatchSource
 from bundle.sources.persam import PerSamSource
 from bundle.sources.promise import PromiseSource, PromiseState
+from bundle.sources.search import SearchSource, SearchState
 from bundle.sources.shifted import ShiftedSource, ShiftedStore
 from bundle.sources.warp import WarpSource
 
@@ -21,6 +22,8 @@ __all__ = [
     "PerSamSource",
     "PromiseSource",
     "PromiseState",
+    "SearchSource",
+    "SearchState",
     "ShiftedSource",
     "ShiftedStore",
     "Source",
