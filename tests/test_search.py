@@ -1,13 +1,18 @@
 """The search source: SAM on a grid of boxes, each class served by the candidate most like the reference's structure."""
 
+import os
+
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 
 from bundle.candidates import appearance, box_grid, candidate_scores
 from bundle.decoder import SamDecoder
 from bundle.sources import Cohort, SearchSource, load_source, save_source
 from bundle.store import EmbeddingStore, Reference
 from tests.conftest import disk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _dice(a, b):
@@ -86,3 +91,13 @@ def test_search_state_round_trips_through_the_saved_model(lite_medsam):
     key, (image, _) = targets[0]
     a, b = source.predict(state, key, image, store), loaded.predict(loaded_state, key, image, store)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.found, b.found)
+
+
+def test_the_bundle_config_composes_the_search_strategy(lite_medsam):
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update({"bundle_root": ROOT, "strategy": "search"})
+    parser["sam"] = lite_medsam
+    source = parser.get_parsed_content("source")
+    assert isinstance(source, SearchSource) and source.decoder.sam is lite_medsam
+    assert source.prescreen == 64 and source.region_boxes and source.views
