@@ -19,7 +19,7 @@ from bundle.candidates import appearance, box_grid, box_regions, candidate_score
 from bundle.classifier import REFERENCE_VIEWS, reference_views
 from bundle.decoder import SamDecoder
 from bundle.prediction import Prediction
-from bundle.prompts import Prompts
+from bundle.prompts import Prompts, mask_to_box
 from bundle.sources.base import Cohort, Source, register
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import one_hot
@@ -181,9 +181,8 @@ class SearchSource(Source):
         for c in range(len(state.parts)):
             looks = appearance(cells, *self._views(state, c)).reshape(h, w)
             for region in regions(looks, thresholds=(0.0, 0.1)):
-                rows, cols = np.nonzero(region)
-                out.append([(cols.min() - 1) * W / w, (rows.min() - 1) * H / h, (cols.max() + 2) * W / w,
-                            (rows.max() + 2) * H / h])  # fmt: skip
+                x0, y0, x1, y1 = mask_to_box(region)
+                out.append([(x0 - 1) * W / w, (y0 - 1) * H / h, (x1 + 2) * W / w, (y1 + 2) * H / h])
         boxes = np.asarray(out, np.float32).reshape(-1, 4)
         return np.clip(boxes, 0, [W - 1, H - 1, W - 1, H - 1]).astype(np.float32)
 
