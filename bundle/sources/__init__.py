@@ -3,6 +3,7 @@ and load the fitted state. The config composes them; ``load_source`` rebuilds a 
 
 from bundle.sources.aligned import AlignedSource
 from bundle.sources.base import Cohort, Source, load_source, save_source
+from bundle.sources.choice import ChoiceSource, ChoiceState
 from bundle.sources.classifier import ClassifierSource
 from bundle.sources.fused import Decision, FusedSource
 from bundle.sources.match import MatchSource
@@ -14,6 +15,8 @@ from bundle.sources.warp import WarpSource
 
 __all__ = [
     "AlignedSource",
+    "ChoiceSource",
+    "ChoiceState",
     "ClassifierSource",
     "Cohort",
     "Decision",

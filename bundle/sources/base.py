@@ -98,6 +98,13 @@ class Source(ABC):
         """Per class, what the source chose and why (a fusing source's ``Decision``); [] for a single source."""
         return []
 
+    def supports(
+        self, state: Any, key: str, image: np.ndarray, store: EmbeddingStore, pred: Prediction
+    ) -> torch.Tensor | None:
+        """(C,) how much the source's own locator backs each class's mask of ``pred`` for this image
+        (``candidates.support``); None for a source without a locator."""
+        return None
+
     @abstractmethod
     def state_dict(self, state: Any) -> dict[str, Any]:
         """The fitted state and the settings ``predict`` uses, as tensors and plain values."""

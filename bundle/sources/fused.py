@@ -200,6 +200,11 @@ class FusedSource(Source):
     def decisions(self, state: FusedState) -> list[Decision]:
         return state.decisions
 
+    def supports(
+        self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore, pred: Prediction
+    ) -> torch.Tensor:
+        return _supports(self._located(state, key, image, store), pred)
+
     def predict(self, state: FusedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         use, label = state.use_primary, state.use_registration
         sam = ~label

@@ -225,6 +225,32 @@ class SearchSource(Source):
                 picked.append(int(i))
         return picked
 
+    def rate(self, state: SearchState, masks: np.ndarray, iou: torch.Tensor, feats: torch.Tensor) -> np.ndarray:
+        """(C,) score of one (H, W) boolean mask per class (``masks`` (C, H, W), e.g. another source's, with SAM's
+        predicted IoU (C,)) by the candidates' scorer, on an image's matching features (D, h, w); -inf for an empty
+        mask or one outside the area limits."""
+        grid, out = tuple(feats.shape[1:]), np.full(len(state.parts), -np.inf)
+        for c, mask in enumerate(masks):
+            share = float(mask.mean())
+            if not self.min_area <= share <= self.max_area:
+                continue
+            m = torch.from_numpy(np.ascontiguousarray(mask))[None]
+            pooled, ring = _pooled(m, feats).numpy(), _pooled(_rings(m, grid), feats).numpy()
+            inside, outside = self._views(state, c)
+            out[c] = candidate_scores(
+                pooled,
+                ring,
+                np.asarray([float(iou[c])]),
+                np.asarray([share]),
+                inside,
+                outside,
+                float(state.area[c]),
+                self.iou_weight,
+                self.size_weight,
+                self.ring_weight,
+            )[0]
+        return out
+
     def predict(self, state: SearchState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         sam, embedding = self.decoder.sam, store.embedding(key, image)
         found = self.candidates(state, key, image, store)

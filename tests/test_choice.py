@@ -1,0 +1,92 @@
+"""The choice source: per image and class, the primary source's mask or the search's, whichever the search's scorer
+rates clearly higher."""
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.decoder import SamDecoder
+from bundle.prediction import Prediction
+from bundle.sources import ChoiceSource, Cohort, FusedSource, SearchSource, Source, load_source, save_source
+from bundle.sources.base import register
+from bundle.store import EmbeddingStore, Reference
+from tests.conftest import disk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (128, 160)
+
+
+@register("fixed_atlas")
+class FixedAtlas(Source):
+    """The reference's label where the reference has it (an identity registration): right only where the structure
+    did not move."""
+
+    kind = "fixed_atlas"
+
+    def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.from_numpy(reference.label.copy())
+
+    def predict(self, state: torch.Tensor, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
+        logits = torch.where(state == 1, 10.0, -10.0)[None].float()
+        return Prediction(logits, torch.ones(1))
+
+    def state_dict(self, state: torch.Tensor) -> dict[str, Any]:
+        return {"label": state.clone()}
+
+    @classmethod
+    def from_state(cls, state, reference, store, device):
+        return cls(), state["label"]
+
+
+def _case(rng, centre, radius):
+    label = disk(SIZE, centre, radius).astype(np.int64)
+    image = 40 + 10 * rng.standard_normal(SIZE) + label * (150 + 20 * np.sin(np.arange(SIZE[1]) / 2.0))
+    return image.astype(np.float32), label
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_the_search_replaces_the_primary_only_where_it_lost_the_structure(lite_medsam):
+    rng = np.random.default_rng(3)
+    ref_image, ref_label = _case(rng, (40, 45), 16)
+    # the structure where the reference has it (the atlas is right), then moved and twice / half the size
+    targets = [(f"t{i}", _case(rng, c, r)) for i, (c, r) in enumerate([((41, 46), 16), ((85, 105), 30), ((90, 40), 8)])]
+    store = EmbeddingStore(lite_medsam)
+    reference = Reference(ref_image, ref_label, 1)
+    source = ChoiceSource(FixedAtlas(), SearchSource(SamDecoder(lite_medsam)), margin=0.1)
+    state = source.fit(reference, Cohort([(k, i) for k, (i, _) in targets], store))
+    preds = {k: source.predict(state, k, image, store) for k, (image, _) in targets}
+    assert preds["t0"].sources is None  # kept: the atlas's own mask, untouched
+    assert torch.equal(preds["t0"].logits, torch.where(torch.from_numpy(ref_label) == 1, 10.0, -10.0)[None])
+    for key, (_, truth) in targets[1:]:
+        assert preds[key].sources == ["search"], key
+        assert _dice(preds[key].label() == 1, truth == 1) > 0.8, key
+        assert _dice(preds[key].label() == 1, ref_label == 1) < 0.2, key
+
+    # the scorer itself: the true disc rates above the reference's (empty) place, an empty mask is not rated
+    image, truth = targets[1][1]
+    feats = store.features("t1", image).float()
+    masks = np.stack([truth == 1, ref_label == 1, np.zeros(SIZE, bool)])[:, None]
+    rated = [source.search.rate(state.search, m, torch.ones(1), feats)[0] for m in masks]
+    assert rated[0] > rated[1] + 0.1 and rated[2] == -np.inf
+
+    # the fitted state round-trips with the same masks
+    loaded, loaded_state = load_source(save_source(source, state), reference, store)
+    assert isinstance(loaded, ChoiceSource) and loaded.margin == 0.1
+    again = loaded.predict(loaded_state, "t2", targets[2][1][0], store)
+    assert torch.equal(again.logits, preds["t2"].logits)
+
+
+def test_the_bundle_config_composes_the_choice_strategy(lite_medsam):
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update({"bundle_root": ROOT, "strategy": "choice"})
+    parser["sam"] = lite_medsam
+    source = parser.get_parsed_content("source")
+    assert isinstance(source, ChoiceSource) and isinstance(source.primary, FusedSource)
+    assert isinstance(source.search, SearchSource) and source.search.decoder.sam is lite_medsam
