@@ -1,6 +1,7 @@
 """scripts/benchmark.py end to end: every method it compares, on real images, so the comparison cannot break."""
 
 import importlib
+import json
 import os
 import sys
 
@@ -30,3 +31,20 @@ def test_every_benchmark_method_segments_two_real_images(tmp_path):
     text = markdown.read_text()
     assert "| elastix |" in text and "| ants |" in text and "bundle, fused (default config)" in text
     assert "python scripts/benchmark.py" in text
+
+
+def test_each_reference_of_the_spread_takes_the_cases_after_it_and_the_table_gives_their_spread(tmp_path):
+    bench = _benchmark()
+    items = [{"image": f"images/case{i:02d}.png", "label": f"labels/case{i:02d}.png"} for i in range(12)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"1": "x"}, "training": items[::-1]}))
+
+    out = bench.split_dir(str(tmp_path / "data"), 5, 0, 3, str(tmp_path / "ref5"))
+    listed = json.loads(open(os.path.join(out, "dataset.json")).read())["training"]
+    assert [os.path.basename(i["image"]) for i in listed] == ["case05.png", "case06.png", "case07.png", "case08.png"]
+    assert all(os.path.isabs(i["label"]) for i in listed)
+
+    results = {f"reference {r}": {"dice_mean": d, "missed_share": 0.0} for r, d in [(1, 90.0), (11, 86.0), (21, 88.0)]}
+    text = bench.spread_table(results)
+    assert "| reference 11 | 86.0 | 0.0 |" in text
+    assert "**88.0 +- 2.0**" in text  # sample standard deviation of 90, 86, 88

@@ -12,6 +12,7 @@ from bundle.decoder import SamDecoder
 from bundle.prediction import Prediction
 from bundle.sources import ChoiceSource, Cohort, FusedSource, SearchSource, Source, load_source, save_source
 from bundle.sources.base import register
+from bundle.sources.choice import on_other_classes
 from bundle.store import EmbeddingStore, Reference
 from tests.conftest import disk
 
@@ -90,3 +91,13 @@ def test_the_bundle_config_composes_the_choice_strategy(lite_medsam):
     source = parser.get_parsed_content("source")
     assert isinstance(source, ChoiceSource) and isinstance(source.primary, FusedSource)
     assert isinstance(source.search, SearchSource) and source.search.decoder.sam is lite_medsam
+
+
+def test_a_search_mask_on_another_classs_place_does_not_replace_its_class():
+    left, right, elsewhere = disk(SIZE, (60, 40), 15), disk(SIZE, (60, 120), 15), disk(SIZE, (20, 80), 10)
+    kept = np.stack([left, right])  # the primary's two classes, e.g. right and left lung
+    # class 0's candidate lies on class 1's structure (they look alike); class 1's candidate is its own
+    assert on_other_classes(np.stack([right, right]), kept).tolist() == [True, False]
+    assert on_other_classes(np.stack([elsewhere, left | right]), kept).tolist() == [False, False]
+    assert on_other_classes(np.stack([left & ~left, right]), kept).tolist() == [False, False]  # empty candidate
+    assert on_other_classes(np.stack([right]), np.stack([left])).tolist() == [False]  # one class: nothing else to take

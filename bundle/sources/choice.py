@@ -7,7 +7,8 @@ prior). The search's mask replaces the primary's only where it scores clearly hi
 frozen features tell the structure poorly from its surroundings (fetal heads in ultrasound) the scorer can prefer the
 wrong tissue by a little (at most 0.13 on HC18's tuning split; a locator's backing did not tell those cases apart).
 A class the primary serves with the warped label because SAM was unsure of it over the cohort (echocardiography)
-keeps it: the search's candidates are SAM's masks too.
+keeps it: the search's candidates are SAM's masks too. The scorer does not know where a class lies, so a search mask
+that lands mostly on another class's mask (the left lung for the right one: they look alike) does not replace it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from bundle.sources.base import Cohort, Source, load_source, register, save_sour
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
 
-__all__ = ["ChoiceSource", "ChoiceState"]
+__all__ = ["ChoiceSource", "ChoiceState", "on_other_classes"]
+
+
+def on_other_classes(candidates: np.ndarray, kept: np.ndarray, limit: float = 0.5) -> np.ndarray:
+    """(C,) where more than ``limit`` of class c's candidate mask (``candidates`` (C, H, W) boolean) lies on the
+    ``kept`` (C, H, W) boolean masks of the other classes."""
+    out = np.zeros(len(candidates), dtype=bool)
+    for c, mask in enumerate(candidates):
+        area = mask.sum()
+        others = np.delete(kept, c, axis=0).any(axis=0) if len(kept) > 1 else np.zeros_like(mask)
+        out[c] = area > 0 and (mask & others).sum() > limit * area
+    return out
 
 
 @dataclass
@@ -82,6 +94,8 @@ class ChoiceSource(Source):
         with np.errstate(invalid="ignore"):
             gain = torch.from_numpy(np.where(np.isfinite(theirs), theirs - mine, -np.inf))
         switch = (gain > self.margin) & open_
+        if switch.any() and len(switch) > 1:
+            switch &= ~torch.from_numpy(on_other_classes((other.logits > 0).numpy(), pred.masks()))
         if not switch.any():
             return pred
         out = combine(~switch, pred, other)
