@@ -4,6 +4,7 @@
         [--split tuning|confirmation] [--methods bundle elastix ants] [--strategies warp match persam registration]
         [--set key=value ...] [--variant name:key=value,...] [--markdown docs/benchmarks.md]
     python scripts/benchmark.py --dataset_dir ... --references 0 10 20 30 40   # spread over five references
+    python scripts/benchmark.py --dataset_dir ... --references 0 10 20 30 40 --within_tuning   # ... to tune on
     python scripts/benchmark.py --dataset_dir ... --methods bundle --processes 1 2   # 1 and 2 processes (torchrun)
 
 Reference = first case by sorted image name; the tuning split is the next ``num_images`` cases, the confirmation
@@ -11,7 +12,9 @@ split the 80 cases after those (cases 41-120 after the reference). Prints one ta
 Dice, share of images missed (mean Dice below 0.1), seconds per image, peak memory) and, with ``--markdown``, writes
 it into that file under a heading for the dataset, with the command that produced it. With ``--references``, the
 default config runs once per reference (the case at each index, with the ``num_images`` cases after it) and the
-table gives each mean Dice and their standard deviation.
+table gives each mean Dice and their standard deviation. With ``--within_tuning`` as well, every reference is a case
+of the tuning split (reference = first case and the ``num_images`` after it) and its targets are the split's other
+cases: a spread to choose settings on that never looks at the confirmation split.
 """
 
 from __future__ import annotations
@@ -58,6 +61,17 @@ def split_dir(dataset_dir: str, reference: int, start: int, count: int, out_dir:
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
         json.dump({"labels": spec.get("labels", {}), "training": [absolute[reference], *chosen]}, f, indent=1)
     return out_dir
+
+
+def tuning_dir(dataset_dir: str, reference: int, count: int, out_dir: str) -> tuple[str, str]:
+    """A datalist folder of the tuning split (the first ``count`` + 1 cases by sorted name) and the image path of its
+    case at index ``reference``, which the run takes as its reference; the other ``count`` cases are its targets."""
+    split_dir(dataset_dir, 0, 0, count, out_dir)
+    with open(os.path.join(out_dir, "dataset.json")) as f:
+        listed = json.load(f)["training"]
+    if not 0 <= reference < len(listed):
+        raise ValueError(f"{dataset_dir}: reference {reference} is not among the tuning split's {len(listed)} cases")
+    return out_dir, listed[reference]["image"]
 
 
 def _peak_mb() -> float:
@@ -262,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="sorted case indices: the default config once per reference, with the num_images cases after it",
     )
+    p.add_argument(
+        "--within_tuning",
+        action="store_true",
+        help="with --references: each reference's targets are the tuning split's other cases (no confirmation case)",
+    )
     p.add_argument("--methods", nargs="*", default=["bundle", "elastix", "ants"], choices=["bundle", "elastix", "ants"])
     p.add_argument(
         "--strategies",
@@ -279,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--markdown", default=None)
     p.add_argument("--title", default=None, help="heading of the table in the markdown file (default: dataset name)")
     args = p.parse_args(argv)
+    if args.within_tuning and not args.references:
+        p.error("--within_tuning needs --references")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
     out_root = args.output_dir or tempfile.mkdtemp(prefix="bench_")
@@ -295,8 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = os.path.basename(os.path.normpath(dataset_dir))
         out = os.path.join(out_root, dataset)
         if args.references:
-            results = run_spread(dataset_dir, args.references, args.num_images, overrides, out)
-            text, note = spread_table(results), f"({args.num_images} test images after each reference; {_machine()})"
+            results = run_spread(dataset_dir, args.references, args.num_images, overrides, out, args.within_tuning)
+            cases = "the tuning split's other cases" if args.within_tuning else "the cases after each reference"
+            text, note = spread_table(results), f"({args.num_images} test images: {cases}; {_machine()})"
         else:
             start, count = (0, args.num_images) if args.split == "tuning" else (args.num_images, CONFIRMATION)
             data = split_dir(dataset_dir, 0, start, count, os.path.join(out, "datalist"))
@@ -312,13 +334,26 @@ def main(argv: list[str] | None = None) -> dict:
     return everything
 
 
-def run_spread(dataset_dir: str, references: list[int], num_images: int, overrides: dict, out_root: str) -> dict:
-    """The default config once per reference index (with the ``num_images`` cases after it)."""
+def run_spread(
+    dataset_dir: str,
+    references: list[int],
+    num_images: int,
+    overrides: dict,
+    out_root: str,
+    within_tuning: bool = False,
+) -> dict:
+    """The default config once per reference index, with the ``num_images`` cases after it (``within_tuning``: with
+    the tuning split's other cases)."""
     results = {}
     for r in references:
-        data = split_dir(dataset_dir, r, 0, num_images, os.path.join(out_root, f"reference_{r}", "datalist"))
+        folder = os.path.join(out_root, f"reference_{r}", "datalist")
+        if within_tuning:
+            data, image = tuning_dir(dataset_dir, r, num_images, folder)
+            settings = {"progress": False, "reference_image": image, **overrides}
+        else:
+            data, settings = split_dir(dataset_dir, r, 0, num_images, folder), {"progress": False, **overrides}
         out = os.path.join(out_root, f"reference_{r}", "bundle")
-        results[f"reference {r + 1}"] = _isolated(run_bundle, data, 0, {"progress": False, **overrides}, out)
+        results[f"reference {r + 1}"] = _isolated(run_bundle, data, 0, settings, out)
         print(spread_table(results), flush=True)
     return results
 

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 from conftest import ROOT, shared_dataset
 
 
@@ -48,3 +49,21 @@ def test_each_reference_of_the_spread_takes_the_cases_after_it_and_the_table_giv
     text = bench.spread_table(results)
     assert "| reference 11 | 86.0 | 0.0 |" in text
     assert "**88.0 +- 2.0**" in text  # sample standard deviation of 90, 86, 88
+
+
+def test_a_reference_within_the_tuning_split_takes_the_splits_other_cases_and_nothing_after_it(tmp_path):
+    from bundle.dataset import load_datalist
+
+    bench = _benchmark()
+    items = [{"image": f"images/case{i:02d}.png", "label": f"labels/case{i:02d}.png"} for i in range(12)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"1": "x"}, "training": items[::-1]}))
+
+    data, image = bench.tuning_dir(str(tmp_path / "data"), 2, 4, str(tmp_path / "ref2"))
+    assert os.path.basename(image) == "case02.png"
+    # the bundle, given that reference, segments the split's four other cases: none from after the split
+    reference, targets, _ = load_datalist(data, reference_image=image)
+    assert reference.image_path == image and reference.label_path.endswith("case02.png")
+    assert [os.path.basename(t.image_path) for t in targets] == [f"case{i:02d}.png" for i in (0, 1, 3, 4)]
+    with pytest.raises(ValueError, match="not among the tuning split"):
+        bench.tuning_dir(str(tmp_path / "data"), 5, 4, str(tmp_path / "ref5"))
