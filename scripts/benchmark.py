@@ -346,14 +346,13 @@ def run_spread(
     the tuning split's other cases)."""
     results = {}
     for r in references:
-        folder = os.path.join(out_root, f"reference_{r}", "datalist")
+        folder, settings = os.path.join(out_root, f"reference_{r}", "datalist"), {"progress": False}
         if within_tuning:
-            data, image = tuning_dir(dataset_dir, r, num_images, folder)
-            settings = {"progress": False, "reference_image": image, **overrides}
+            data, settings["reference_image"] = tuning_dir(dataset_dir, r, num_images, folder)
         else:
-            data, settings = split_dir(dataset_dir, r, 0, num_images, folder), {"progress": False, **overrides}
+            data = split_dir(dataset_dir, r, 0, num_images, folder)
         out = os.path.join(out_root, f"reference_{r}", "bundle")
-        results[f"reference {r + 1}"] = _isolated(run_bundle, data, 0, settings, out)
+        results[f"reference {r + 1}"] = _isolated(run_bundle, data, 0, {**settings, **overrides}, out)
         print(spread_table(results), flush=True)
     return results
 
