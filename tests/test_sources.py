@@ -1,8 +1,11 @@
 """Sources on synthetic cohorts: each fits on a reference and a cohort and predicts one image at a time."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from bundle.alignment import gradient_magnitude
 from bundle.classifier import PatchClassifier
@@ -22,7 +25,7 @@ from bundle.sources import (
     WarpSource,
     fused,
 )
-from bundle.sources.aligned import aligned_score
+from bundle.sources.aligned import aligned_score, best_candidate
 from bundle.sources.warp import WarpState, registered
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import one_hot, reference_augmentation
@@ -148,6 +151,25 @@ def test_fused_aligns_by_the_classifier_where_the_object_moves(lite_medsam):
     assert any(not torch.equal(plain[k], aligned[k]) for k in plain)
     preds = [source.predict(state, k, img, store) for k, (img, _) in targets]
     assert np.mean([_dice(p.label() == 1, t == 1) for (_, (_, t)), p in zip(targets, preds)]) > 0.8
+
+
+def test_a_wider_guess_replaces_the_located_frames_best_only_by_more_than_the_margin():
+    # candidates: two of the located region's own sizes, then three much smaller or larger guesses
+    assert best_candidate([0.8, 0.9, 0.95, 0.3, 0.2], narrow=2, margin=0.08) == 1  # 0.05 higher: not enough
+    assert best_candidate([0.8, 0.9, 0.3, 1.0, 0.2], narrow=2, margin=0.08) == 3  # 0.1 higher: the wider guess
+    assert best_candidate([0.8, 0.9, 0.3, 1.0, 0.2], narrow=2, margin=0.0) == 3
+    assert best_candidate([0.9, 0.9], narrow=2, margin=0.08) == 0  # no wider guesses; ties keep the first
+    assert best_candidate([0.2, 0.9, 5.0], narrow=3, margin=0.08) == 2
+
+
+def test_the_default_config_guesses_smaller_and_larger_frames_than_the_located_region(lite_medsam):
+    config = ConfigParser()
+    config.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "inference.yaml"))
+    config.update({"bundle_root": os.path.dirname(os.path.dirname(__file__))})
+    config["sam"] = lite_medsam
+    source = config.get_parsed_content("aligned_source")
+    assert source.scales[0] == 1.0  # fitting aligns each image by the first guess: the region's own frame
+    assert min(source.wide_scales) <= 0.7 and max(source.wide_scales) >= 2.0 and source.wide_margin > 0
 
 
 def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):

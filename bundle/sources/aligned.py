@@ -2,7 +2,9 @@
 reference accordingly, and a warping network trained on the aligned cohort outlines it there.
 
 For structures that move and change size (fetal heads, lesions), where plain warping loses them. Of several
-guesses at the frame (``candidate_frames``), each image keeps the one whose SAM mask scores best (``aligned_score``).
+guesses at the frame (``candidate_frames``), each image keeps the one whose SAM mask scores best (``aligned_score``);
+guesses much smaller or larger than the located region (``wide_scales``: the locator finds only the core of a large
+lesion, or a head with the body around it) replace it only where they score clearly better (``wide_margin``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from bundle.sources.warp import WarpSource, WarpState
 from bundle.store import EmbeddingStore, Reference
 from bundle.transforms import from_working, normalize_intensity, to_working
 
-__all__ = ["AlignedSource", "AlignedState", "aligned_frames", "aligned_score"]
+__all__ = ["AlignedSource", "AlignedState", "aligned_frames", "aligned_score", "best_candidate"]
 
 
 @dataclass
@@ -83,6 +85,16 @@ def aligned_score(prediction: Prediction, classes: torch.Tensor, gradient: np.nd
     return float(np.mean(scores)) if scores else 0.0
 
 
+def best_candidate(scores: list[float], narrow: int, margin: float) -> int:
+    """Index of the candidate to keep: the best-scoring of the first ``narrow``, unless the best of the rest scores
+    more than ``margin`` higher (ties: the first)."""
+    first = int(np.argmax(scores[:narrow]))
+    if narrow >= len(scores):
+        return first
+    wide = narrow + int(np.argmax(scores[narrow:]))
+    return wide if scores[wide] > scores[first] + margin else first
+
+
 @register("aligned")
 class AlignedSource(Source):
     """Warping on images pre-aligned by where the ``locator`` finds the structure; the locator's own prediction
@@ -94,6 +106,8 @@ class AlignedSource(Source):
         decoder: SAM prompt-to-mask step.
         working_size: long side of the warping network's frame.
         scales: size factors of the candidate frames.
+        wide_scales: further size factors, whose best candidate replaces the best of ``scales`` only where it scores
+            more than ``wide_margin`` higher (each guess costs a SAM decode).
     """
 
     kind = "aligned"
@@ -105,8 +119,11 @@ class AlignedSource(Source):
         decoder: SamDecoder,
         working_size: int = 128,
         scales: tuple[float, ...] = (1.0, 1.15),
+        wide_scales: tuple[float, ...] = (),
+        wide_margin: float = 0.0,
     ):
         self.locator, self.decoder, self.scales = locator, decoder, tuple(float(s) for s in scales)
+        self.wide_scales, self.wide_margin = tuple(float(s) for s in wide_scales), float(wide_margin)
         self.warper = WarpSource(trainer, decoder, working_size)
 
     def _aligned_image(self, image: np.ndarray, frame: Frame, reference: Frame, shape: tuple[int, int]) -> torch.Tensor:
@@ -123,9 +140,10 @@ class AlignedSource(Source):
         image: np.ndarray,
         store: EmbeddingStore,
     ) -> list[tuple[Frame, Frame]]:
-        """Candidate frames of one image from the fitted ``locator``'s probabilities."""
+        """Candidate frames of one image from the fitted ``locator``'s probabilities: those of ``scales``, then those
+        of ``wide_scales``."""
         probs = PatchClassifier.upsample(self.locator.grid(locator, key, image, store), image.shape[:2])
-        return aligned_frames(ref_label, classes, probs, self.scales)
+        return aligned_frames(ref_label, classes, probs, self.scales + self.wide_scales)
 
     def fit(
         self,
@@ -171,14 +189,13 @@ class AlignedSource(Source):
         softs = state.warp.warp(state.warp.moving_label, state.warp.fields(fixed)).cpu()
         embedding = store.embedding(key, image)
         gradient = gradient_magnitude(image)
-        best, best_score = None, -1.0
+        preds, scores = [], []
         for soft, (frame, ref) in zip(softs, candidates):
             probs = from_reference(from_working(soft, shape)[1:], frame, ref, embedding.original_size)
-            pred = self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts)
-            score = aligned_score(pred, state.classes, gradient)
-            if score > best_score:
-                best, best_score = pred, score
-        return best
+            preds.append(self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts))
+            scores.append(aligned_score(preds[-1], state.classes, gradient))
+        narrow = len(candidates) * len(self.scales) // (len(self.scales) + len(self.wide_scales))
+        return preds[best_candidate(scores, narrow, self.wide_margin)]
 
     def state_dict(self, state: AlignedState) -> dict[str, Any]:
         return {
@@ -186,6 +203,8 @@ class AlignedSource(Source):
             "locator": save_source(self.locator, state.locator),
             "classes": state.classes.clone(),
             "scales": list(self.scales),
+            "wide_scales": list(self.wide_scales),
+            "wide_margin": self.wide_margin,
         }
 
     @classmethod
@@ -197,5 +216,6 @@ class AlignedSource(Source):
         if state["warp"] is not None:
             warper, warp_state = WarpSource.from_state(state["warp"], reference, store, device)
             decoder, size = warper.decoder, warper.working_size
-        source = cls(locator, None, decoder, size, tuple(state["scales"]))
+        wide = tuple(state.get("wide_scales", ())), float(state.get("wide_margin", 0.0))  # models saved before 0.20
+        source = cls(locator, None, decoder, size, tuple(state["scales"]), *wide)
         return source, AlignedState(warp_state, locator_state, state["classes"].bool(), reference.label)
