@@ -189,13 +189,16 @@ class AlignedSource(Source):
         softs = state.warp.warp(state.warp.moving_label, state.warp.fields(fixed)).cpu()
         embedding = store.embedding(key, image)
         gradient = gradient_magnitude(image)
-        preds, scores = [], []
-        for soft, (frame, ref) in zip(softs, candidates):
-            probs = from_reference(from_working(soft, shape)[1:], frame, ref, embedding.original_size)
-            preds.append(self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts))
-            scores.append(aligned_score(preds[-1], state.classes, gradient))
         narrow = len(candidates) * len(self.scales) // (len(self.scales) + len(self.wide_scales))
-        return preds[best_candidate(scores, narrow, self.wide_margin)]
+        best: list[tuple[Prediction | None, float]] = [(None, -np.inf), (None, -np.inf)]  # of the narrow, the wide
+        for i, (soft, (frame, ref)) in enumerate(zip(softs, candidates)):
+            probs = from_reference(from_working(soft, shape)[1:], frame, ref, embedding.original_size)
+            pred = self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts)
+            score = aligned_score(pred, state.classes, gradient)
+            if score > best[i >= narrow][1]:  # only the two best are kept: full-size logits of every guess add up
+                best[i >= narrow] = (pred, score)
+        kept = [b for b in best if b[0] is not None]
+        return kept[best_candidate([score for _, score in kept], 1, self.wide_margin)][0]
 
     def state_dict(self, state: AlignedState) -> dict[str, Any]:
         return {
