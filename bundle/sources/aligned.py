@@ -139,11 +139,14 @@ class AlignedSource(Source):
         key: str,
         image: np.ndarray,
         store: EmbeddingStore,
-    ) -> list[tuple[Frame, Frame]]:
-        """Candidate frames of one image from the fitted ``locator``'s probabilities: those of ``scales``, then those
-        of ``wide_scales``."""
+    ) -> tuple[list[tuple[Frame, Frame]], list[tuple[Frame, Frame]]]:
+        """Candidate frames of one image from the fitted ``locator``'s probabilities: those of ``scales`` (the first
+        is the region's own frame; [] where no class is found) and those of ``wide_scales``."""
         probs = PatchClassifier.upsample(self.locator.grid(locator, key, image, store), image.shape[:2])
-        return aligned_frames(ref_label, classes, probs, self.scales + self.wide_scales)
+        return (
+            aligned_frames(ref_label, classes, probs, self.scales),
+            aligned_frames(ref_label, classes, probs, self.wide_scales),
+        )
 
     def fit(
         self,
@@ -161,8 +164,8 @@ class AlignedSource(Source):
         shape = tuple(reference.label.shape)
 
         def aligned(key: str, img: np.ndarray) -> torch.Tensor | None:
-            candidates = self._candidates(locator, reference.label, classes, key, img, cohort.store)
-            return self._aligned_image(img, *candidates[0], shape) if candidates else None
+            narrow = self._candidates(locator, reference.label, classes, key, img, cohort.store)[0]
+            return self._aligned_image(img, *narrow[0], shape) if narrow else None
 
         fixed = [x for x in cohort.map(aligned, "aligning") if x is not None]
         if not fixed:  # the classifier found none of the classes anywhere: its own boxes serve
@@ -177,26 +180,26 @@ class AlignedSource(Source):
         return AlignedState(warp, locator, classes, reference.label)
 
     def predict(self, state: AlignedState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        candidates = (
-            []
+        narrow, wide = (
+            ([], [])
             if state.warp is None
             else self._candidates(state.locator, state.reference_label, state.classes, key, image, store)
         )
-        if not candidates:
+        if not narrow:
             return self.locator.predict(state.locator, key, image, store)
         shape = tuple(state.reference_label.shape)
-        fixed = torch.stack([self._aligned_image(image, *pair, shape) for pair in candidates])
+        fixed = torch.stack([self._aligned_image(image, *pair, shape) for pair in narrow + wide])
         softs = state.warp.warp(state.warp.moving_label, state.warp.fields(fixed)).cpu()
         embedding = store.embedding(key, image)
         gradient = gradient_magnitude(image)
-        narrow = len(candidates) * len(self.scales) // (len(self.scales) + len(self.wide_scales))
         best: list[tuple[Prediction | None, float]] = [(None, -np.inf), (None, -np.inf)]  # of the narrow, the wide
-        for i, (soft, (frame, ref)) in enumerate(zip(softs, candidates)):
+        for i, (soft, (frame, ref)) in enumerate(zip(softs, narrow + wide)):
             probs = from_reference(from_working(soft, shape)[1:], frame, ref, embedding.original_size)
             pred = self.decoder.segment(embedding, probs.clamp(0, 1), parts=state.warp.parts)
             score = aligned_score(pred, state.classes, gradient)
-            if score > best[i >= narrow][1]:  # only the two best are kept: full-size logits of every guess add up
-                best[i >= narrow] = (pred, score)
+            group = int(i >= len(narrow))
+            if score > best[group][1]:  # only the two best are kept: full-size logits of every guess add up
+                best[group] = (pred, score)
         kept = [b for b in best if b[0] is not None]
         return kept[best_candidate([score for _, score in kept], 1, self.wide_margin)][0]
 
