@@ -69,12 +69,15 @@ def test_the_search_replaces_the_primary_only_where_it_lost_the_structure(lite_m
         assert _dice(preds[key].label() == 1, truth == 1) > 0.8, key
         assert _dice(preds[key].label() == 1, ref_label == 1) < 0.2, key
 
-    # the scorer itself: the true disc rates above the reference's (empty) place, an empty mask is not rated
+    # the scorer itself: the true disc rates above the reference's (empty) place, an empty mask is not rated, and a
+    # mask outside the candidates' area limits is still rated (a primary's mask of a lesion that fills the view must
+    # not lose to any search mask by default)
     image, truth = targets[1][1]
     feats = store.features("t1", image).float()
-    masks = np.stack([truth == 1, ref_label == 1, np.zeros(SIZE, bool)])[:, None]
+    masks = np.stack([truth == 1, ref_label == 1, np.zeros(SIZE, bool), np.ones(SIZE, bool)])[:, None]
     rated = [source.search.rate(state.search, m, torch.ones(1), feats)[0] for m in masks]
     assert rated[0] > rated[1] + 0.1 and rated[2] == -np.inf
+    assert np.isfinite(rated[3]) and source.search.max_area < 1.0 and rated[3] < rated[0]
 
     # the fitted state round-trips with the same masks
     loaded, loaded_state = load_source(save_source(source, state), reference, store)

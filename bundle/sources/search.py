@@ -228,11 +228,12 @@ class SearchSource(Source):
     def rate(self, state: SearchState, masks: np.ndarray, iou: torch.Tensor, feats: torch.Tensor) -> np.ndarray:
         """(C,) score of one (H, W) boolean mask per class (``masks`` (C, H, W), e.g. another source's, with SAM's
         predicted IoU (C,)) by the candidates' scorer, on an image's matching features (D, h, w); -inf for an empty
-        mask or one outside the area limits."""
+        mask. The area limits are not applied: they keep the grid's boxes from proposing the whole image, whereas
+        a mask rated here (a large lesion filling the view) is to be compared, not ruled out."""
         grid, out = tuple(feats.shape[1:]), np.full(len(state.parts), -np.inf)
         for c, mask in enumerate(masks):
             share = float(mask.mean())
-            if not self.min_area <= share <= self.max_area:
+            if share == 0:
                 continue
             m = torch.from_numpy(np.ascontiguousarray(mask))[None]
             pooled, ring = _pooled(m, feats).numpy(), _pooled(_rings(m, grid), feats).numpy()
