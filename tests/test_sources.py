@@ -162,14 +162,15 @@ def test_a_wider_guess_replaces_the_located_frames_best_only_by_more_than_the_ma
     assert best_candidate([0.2, 0.9, 5.0], narrow=3, margin=0.08) == 2
 
 
-def test_the_default_config_guesses_smaller_and_larger_frames_than_the_located_region(lite_medsam):
+def test_the_default_config_guesses_smaller_frames_than_the_located_region(lite_medsam):
     config = ConfigParser()
     config.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "inference.yaml"))
     config.update({"bundle_root": os.path.dirname(os.path.dirname(__file__))})
     config["sam"] = lite_medsam
     source = config.get_parsed_content("aligned_source")
     assert source.scales[0] == 1.0  # fitting aligns each image by the first guess: the region's own frame
-    assert min(source.wide_scales) <= 0.7 and max(source.wide_scales) >= 2.0 and source.wide_margin > 0
+    # larger guesses lost Kvasir's polyps to wrong, larger masks the score preferred
+    assert min(source.wide_scales) <= 0.7 and max(source.wide_scales) < 1.0 and source.wide_margin > 0
 
 
 def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):
