@@ -9,17 +9,23 @@ wrong tissue by a little (at most 0.13 on HC18's tuning split; a locator's backi
 A class the primary serves with the warped label because SAM was unsure of it over the cohort (echocardiography)
 keeps it: the search's candidates are SAM's masks too. The scorer does not know where a class lies, so a search mask
 that lands mostly on another class's mask (the left lung for the right one: they look alike) does not replace it.
+
+With a ``gate``, the choice is made only for the classes whose two localisations disagree over the cohort: on a sample
+of its images, the median Dice between the primary's and the search's masks is below the gate. Where they mostly agree
+(or the primary kept the warp, which the classifier backed) the primary serves every image and the search does not
+run: the scorer's small errors cost more there (fetal heads) than its rescues bring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from bundle.prediction import Prediction, combine
+from bundle.prediction import Prediction, combine, dice
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
@@ -42,6 +48,8 @@ def on_other_classes(candidates: np.ndarray, kept: np.ndarray, limit: float = 0.
 class ChoiceState:
     primary: Any
     search: SearchState
+    open: torch.Tensor  # (C,) bool: the classes chosen per image
+    agreement: list[float | None]  # per class, median primary-vs-search Dice on the gate's sample (None: unmeasured)
 
 
 @register("choice")
@@ -52,18 +60,51 @@ class ChoiceSource(Source):
         primary: the source that serves every class unless the search's mask is better (e.g. ``fused``).
         search: the candidate search whose scorer (``SearchSource.rate``) rates both masks.
         margin: the search's mask must score this much higher than the primary's.
+        gate: only classes whose median primary-vs-search Dice over ``sample`` images is below this are chosen per
+            image, and not those the primary serves with the warp (None: every class the search may take).
+        sample: images (evenly spaced over the cohort) the gate's agreement is measured on.
     """
 
     kind = "choice"
 
-    def __init__(self, primary: Source, search: SearchSource, margin: float = 0.15):
+    def __init__(
+        self, primary: Source, search: SearchSource, margin: float = 0.15, gate: float | None = None, sample: int = 12
+    ):
         self.primary, self.search, self.margin = primary, search, float(margin)
+        self.gate, self.sample = (None if gate is None else float(gate)), int(sample)
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> ChoiceState:
-        return ChoiceState(self.primary.fit(reference, cohort, classes), self.search.fit(reference, cohort, classes))
+        primary, search = self.primary.fit(reference, cohort, classes), self.search.fit(reference, cohort, classes)
+        state = ChoiceState(primary, search, self._open(primary, len(search.parts)), [None] * len(search.parts))
+        if self.gate is None:
+            return state
+        decisions = self.primary.decisions(primary) or [None] * len(search.parts)
+        warped = torch.tensor([bool(getattr(d, "primary", False)) for d in decisions])
+        measured = state.open & ~warped
+        if not measured.any():
+            state.open = measured
+            return state
+
+        def agree(key: str, image: np.ndarray) -> torch.Tensor:
+            """(C,) Dice between the primary's and the search's masks of one image."""
+            first = self.primary.predict(primary, key, image, cohort.store).masks()
+            second = self.search.predict(search, key, image, cohort.store).masks()
+            return torch.tensor([dice(a, b) if m else float("nan") for a, b, m in zip(first, second, measured)])
+
+        step = max(1, len(cohort.items) // max(self.sample, 1))
+        sample = range(0, len(cohort.items), step)[: self.sample]
+        median = torch.stack(cohort.map(agree, "primary and search", sample)).nanmedian(0).values
+        state.agreement = [round(float(m), 3) if measured[c] else None for c, m in enumerate(median)]
+        state.open = measured & (median < self.gate)
+        return state
 
     def decisions(self, state: ChoiceState) -> list[Any]:
-        return self.primary.decisions(state.primary)
+        """The primary's decisions, each with the gate's ``search_agreement`` and whether it is chosen ``per_image``."""
+        decisions = self.primary.decisions(state.primary)
+        return [
+            SimpleNamespace(**vars(d), search_agreement=a, per_image=bool(o))
+            for d, a, o in zip(decisions, state.agreement, state.open)
+        ]
 
     def scores(
         self, state: ChoiceState, first: Prediction, second: Prediction, key: str, image: np.ndarray, store: Any
@@ -76,17 +117,17 @@ class ChoiceSource(Source):
             rated.append(np.where(pred.found.numpy(), score, -np.inf))
         return rated[0], rated[1]
 
-    def _open(self, state: ChoiceState) -> torch.Tensor:
+    def _open(self, primary: Any, num_classes: int) -> torch.Tensor:
         """(C,) the classes the search may take: not those the primary serves with the warped label itself because SAM
         was unsure of them over the cohort (the search's candidates are SAM's masks too)."""
-        decisions = self.primary.decisions(state.primary)
+        decisions = self.primary.decisions(primary)
         if not decisions:
-            return torch.ones(len(state.search.parts), dtype=torch.bool)
+            return torch.ones(num_classes, dtype=torch.bool)
         return torch.tensor([not getattr(d, "registration", False) for d in decisions])
 
     def predict(self, state: ChoiceState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
         pred = self.primary.predict(state.primary, key, image, store)
-        open_ = self._open(state)
+        open_ = state.open
         if not open_.any():
             return pred
         other = self.search.predict(state.search, key, image, store)
@@ -110,7 +151,9 @@ class ChoiceSource(Source):
         return {
             "primary": save_source(self.primary, state.primary),
             "search": save_source(self.search, state.search),
-            "settings": {"margin": self.margin},
+            "settings": {"margin": self.margin, "gate": self.gate, "sample": self.sample},
+            "open": state.open.clone(),
+            "agreement": list(state.agreement),
         }
 
     @classmethod
@@ -119,4 +162,7 @@ class ChoiceSource(Source):
     ) -> tuple["ChoiceSource", ChoiceState]:
         primary, primary_state = load_source(state["primary"], reference, store, device)
         search, search_state = load_source(state["search"], reference, store, device)
-        return cls(primary, search, **state["settings"]), ChoiceState(primary_state, search_state)
+        source = cls(primary, search, **state["settings"])
+        C = len(search_state.parts)
+        open_ = state["open"].bool() if "open" in state else source._open(primary_state, C)  # models saved before 0.22
+        return source, ChoiceState(primary_state, search_state, open_, list(state.get("agreement", [None] * C)))
