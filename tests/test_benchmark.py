@@ -30,7 +30,7 @@ def test_every_benchmark_method_segments_two_real_images(tmp_path):
         assert summary["dice_mean"] > 60, (name, summary["dice_mean"])
         assert set(summary["per_class"]) == {"right_lung", "left_lung", "heart"}, name
     text = markdown.read_text()
-    assert "| elastix |" in text and "| ants |" in text and "bundle, fused (default config)" in text
+    assert "| elastix |" in text and "| ants |" in text and "bundle, choice (default config)" in text
     assert "python scripts/benchmark.py" in text
 
 

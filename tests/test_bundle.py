@@ -49,10 +49,12 @@ def test_demo_run_prints_dice_and_writes_outputs(tmp_path):
     assert np.asarray(Image.open(tmp_path / "demo" / "predictions" / preds[0])).shape == (192, 192)
     assert (tmp_path / "demo" / "overlays" / "montage.png").exists()
     assert (tmp_path / "demo" / "model.pt").exists()  # adapt once, infer many (configs/infer.yaml)
-    assert summary["source"] == "fused"
+    assert summary["source"] == "choice"
     assert set(summary["strategy_decisions"]) == {"right_lung", "left_lung", "heart"}
     decisions = summary["strategy_decisions"].values()
     assert all(d["primary"] for d in decisions)  # anatomy in place: the warp's network serves every class
+    # ... so the choice's gate measures nothing and no image is chosen per image (the search never runs)
+    assert all(d["search_wins"] is None and not d["per_image"] for d in decisions)
     # SAM's own outline where it is sure (the right lung), the warped label where SAM is unsure (the demo's left lung)
     assert all(d["source"] == ("registration" if d["registration"] else "warp") for d in decisions)
     assert (

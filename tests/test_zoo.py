@@ -194,19 +194,19 @@ def test_large_files_list_the_optional_sam_checkpoints():
         assert by_name[name]["hash_val"].startswith(name[-10:-4])
 
 
-def _fused_row(text: str) -> list[str]:
-    row = next(line for line in text.splitlines() if line.startswith("| **fused (default config)**"))
+def _default_row(text: str) -> list[str]:
+    row = next(line for line in text.splitlines() if line.startswith("| **choice (default config)**"))
     return re.findall(r"\*\*(\d+\.\d)\*\*", row)
 
 
 def test_readme_performance_matches_the_benchmark():
     with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
-        jsrt, hc18, ph2 = _fused_row(f.read())
+        jsrt, hc18, ph2 = _default_row(f.read())
     with open(os.path.join(ROOT, "docs", "README.md")) as f:
         readme = f.read()
     for heading in ("## Overview", "## Data", "## Performance", "## Installation", "## References", "## License"):
         assert heading in readme
-    assert _fused_row(readme) == [jsrt, hc18, ph2]
+    assert _default_row(readme) == [jsrt, hc18, ph2]
     metrics = load_metadata()["eval_metrics"]
     assert [metrics[f"mean_dice_{d}"] for d in ("jsrt", "hc18", "ph2")] == [
         round(float(v) / 100, 3) for v in (jsrt, hc18, ph2)

@@ -10,22 +10,25 @@ A class the primary serves with the warped label because SAM was unsure of it ov
 keeps it: the search's candidates are SAM's masks too. The scorer does not know where a class lies, so a search mask
 that lands mostly on another class's mask (the left lung for the right one: they look alike) does not replace it.
 
-With a ``gate``, the choice is made only for the classes whose two localisations disagree over the cohort: on a sample
-of its images, the median Dice between the primary's and the search's masks is below the gate. Where they mostly agree
-(or the primary kept the warp, which the classifier backed) the primary serves every image and the search does not
-run: the scorer's small errors cost more there (fetal heads) than its rescues bring.
+With a ``gate``, the choice is made only for the classes whose primary is often clearly beaten: on a sample of the
+cohort's images, the share where the search's mask scores more than ``gate_margin`` higher than the primary's is at
+least the gate (and two images at least). Where the structure stays put the primary is right on most images and such
+wins are the scorer's rare errors (fetal heads: 1 image in 10); where it moves or changes size they are common
+(polyps: half the images). A share of clear wins tells the two apart on a small sample; the median Dice between the
+two masks did not (polyps' agreement is bimodal). A class the primary serves with the warp (which the classifier
+backed) is not measured. Where the gate stays closed the primary serves every image and the search does not run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from bundle.prediction import Prediction, combine, dice
+from bundle.prediction import Prediction, combine
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
@@ -49,7 +52,9 @@ class ChoiceState:
     primary: Any
     search: SearchState
     open: torch.Tensor  # (C,) bool: the classes chosen per image
-    agreement: list[float | None]  # per class, median primary-vs-search Dice on the gate's sample (None: unmeasured)
+    wins: list[float | None]  # per class, the share of the gate's sample the search clearly won (None: unmeasured)
+    # where the gate opened, the sample's compared predictions by image key, so the cohort run does not redo them
+    compared: dict[str, tuple[Prediction, Prediction, torch.Tensor]] = field(default_factory=dict)
 
 
 @register("choice")
@@ -60,18 +65,27 @@ class ChoiceSource(Source):
         primary: the source that serves every class unless the search's mask is better (e.g. ``fused``).
         search: the candidate search whose scorer (``SearchSource.rate``) rates both masks.
         margin: the search's mask must score this much higher than the primary's.
-        gate: only classes whose median primary-vs-search Dice over ``sample`` images is below this are chosen per
-            image, and not those the primary serves with the warp (None: every class the search may take).
-        sample: images (evenly spaced over the cohort) the gate's agreement is measured on.
+        gate: only classes where the search's mask scores more than ``gate_margin`` higher than the primary's on at
+            least this share of ``sample`` images (and on two at least) are chosen per image, and not those the primary
+            serves with the warp (None: every class the search may take).
+        gate_margin: what a clear win of the search is, for the gate.
+        sample: images (evenly spaced over the cohort) the gate is measured on.
     """
 
     kind = "choice"
 
     def __init__(
-        self, primary: Source, search: SearchSource, margin: float = 0.15, gate: float | None = None, sample: int = 12
+        self,
+        primary: Source,
+        search: SearchSource,
+        margin: float = 0.15,
+        gate: float | None = None,
+        gate_margin: float = 0.1,
+        sample: int = 16,
     ):
         self.primary, self.search, self.margin = primary, search, float(margin)
-        self.gate, self.sample = (None if gate is None else float(gate)), int(sample)
+        self.gate, self.gate_margin = (None if gate is None else float(gate)), float(gate_margin)
+        self.sample = int(sample)
 
     def fit(self, reference: Reference, cohort: Cohort, classes: torch.Tensor | None = None) -> ChoiceState:
         primary, search = self.primary.fit(reference, cohort, classes), self.search.fit(reference, cohort, classes)
@@ -85,25 +99,25 @@ class ChoiceSource(Source):
             state.open = measured
             return state
 
-        def agree(key: str, image: np.ndarray) -> torch.Tensor:
-            """(C,) Dice between the primary's and the search's masks of one image."""
-            first = self.primary.predict(primary, key, image, cohort.store).masks()
-            second = self.search.predict(search, key, image, cohort.store).masks()
-            return torch.tensor([dice(a, b) if m else float("nan") for a, b, m in zip(first, second, measured)])
-
         step = max(1, len(cohort.items) // max(self.sample, 1))
         sample = range(0, len(cohort.items), step)[: self.sample]
-        median = torch.stack(cohort.map(agree, "primary and search", sample)).nanmedian(0).values
-        state.agreement = [round(float(m), 3) if measured[c] else None for c, m in enumerate(median)]
-        state.open = measured & (median < self.gate)
+        compared = dict(
+            cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", sample)
+        )
+        won = torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
+        share = won.float().mean(0)
+        state.wins = [round(float(w), 3) if measured[c] else None for c, w in enumerate(share)]
+        state.open = measured & (share >= self.gate) & (won.sum(0) >= 2)  # one scorer error never opens a small cohort
+        if state.open.any():
+            state.compared = compared
         return state
 
     def decisions(self, state: ChoiceState) -> list[Any]:
-        """The primary's decisions, each with the gate's ``search_agreement`` and whether it is chosen ``per_image``."""
+        """The primary's decisions, each with the gate's ``search_wins`` and whether it is chosen ``per_image``."""
         decisions = self.primary.decisions(state.primary)
         return [
-            SimpleNamespace(**vars(d), search_agreement=a, per_image=bool(o))
-            for d, a, o in zip(decisions, state.agreement, state.open)
+            SimpleNamespace(**vars(d), search_wins=w, per_image=bool(o))
+            for d, w, o in zip(decisions, state.wins, state.open)
         ]
 
     def scores(
@@ -117,6 +131,17 @@ class ChoiceSource(Source):
             rated.append(np.where(pred.found.numpy(), score, -np.inf))
         return rated[0], rated[1]
 
+    def compare(
+        self, state: ChoiceState, key: str, image: np.ndarray, store: Any
+    ) -> tuple[Prediction, Prediction, torch.Tensor]:
+        """The primary's and the search's predictions of one image and (C,) how much higher the search's mask scores
+        (-inf where the search found nothing, inf where only it found the class)."""
+        pred = self.primary.predict(state.primary, key, image, store)
+        other = self.search.predict(state.search, key, image, store)
+        mine, theirs = self.scores(state, pred, other, key, image, store)
+        with np.errstate(invalid="ignore"):
+            return pred, other, torch.from_numpy(np.where(np.isfinite(theirs), theirs - mine, -np.inf))
+
     def _open(self, primary: Any, num_classes: int) -> torch.Tensor:
         """(C,) the classes the search may take: not those the primary serves with the warped label itself because SAM
         was unsure of them over the cohort (the search's candidates are SAM's masks too)."""
@@ -126,14 +151,10 @@ class ChoiceSource(Source):
         return torch.tensor([not getattr(d, "registration", False) for d in decisions])
 
     def predict(self, state: ChoiceState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        pred = self.primary.predict(state.primary, key, image, store)
         open_ = state.open
         if not open_.any():
-            return pred
-        other = self.search.predict(state.search, key, image, store)
-        mine, theirs = self.scores(state, pred, other, key, image, store)
-        with np.errstate(invalid="ignore"):
-            gain = torch.from_numpy(np.where(np.isfinite(theirs), theirs - mine, -np.inf))
+            return self.primary.predict(state.primary, key, image, store)
+        pred, other, gain = state.compared.get(key) or self.compare(state, key, image, store)
         switch = (gain > self.margin) & open_
         if switch.any() and len(switch) > 1:
             switch &= ~torch.from_numpy(on_other_classes((other.logits > 0).numpy(), pred.masks()))
@@ -151,9 +172,14 @@ class ChoiceSource(Source):
         return {
             "primary": save_source(self.primary, state.primary),
             "search": save_source(self.search, state.search),
-            "settings": {"margin": self.margin, "gate": self.gate, "sample": self.sample},
+            "settings": {
+                "margin": self.margin,
+                "gate": self.gate,
+                "gate_margin": self.gate_margin,
+                "sample": self.sample,
+            },
             "open": state.open.clone(),
-            "agreement": list(state.agreement),
+            "wins": list(state.wins),
         }
 
     @classmethod
@@ -162,7 +188,10 @@ class ChoiceSource(Source):
     ) -> tuple["ChoiceSource", ChoiceState]:
         primary, primary_state = load_source(state["primary"], reference, store, device)
         search, search_state = load_source(state["search"], reference, store, device)
-        source = cls(primary, search, **state["settings"])
+        settings = dict(state["settings"])
+        if "gate_margin" not in settings:  # saved before 0.23: its gate was a median agreement, not a share of wins
+            settings["gate"] = None
+        source = cls(primary, search, **settings)
         C = len(search_state.parts)
         open_ = state["open"].bool() if "open" in state else source._open(primary_state, C)  # models saved before 0.22
-        return source, ChoiceState(primary_state, search_state, open_, list(state.get("agreement", [None] * C)))
+        return source, ChoiceState(primary_state, search_state, open_, list(state.get("wins", [None] * C)))

@@ -94,7 +94,7 @@ class SearchSource(Source):
         prescreen: per class, only this many boxes are decoded: those whose inscribed ellipse's features look most
             like the class (None: every box; each decode costs about 0.15 s on a 2-core CPU with LiteMedSAM).
         region_boxes: boxes around the regions whose cells look like each class are candidates too.
-        chunk: boxes decoded per batch.
+        chunk: boxes decoded per batch (the masks do not depend on it; 64 at once doubled the peak memory).
     """
 
     kind = "search"
@@ -113,7 +113,7 @@ class SearchSource(Source):
         views: bool = True,
         prescreen: int | None = 64,
         region_boxes: bool = True,
-        chunk: int = 64,
+        chunk: int = 16,
     ):
         self.decoder, self.sides, self.overlap = decoder, tuple(float(s) for s in sides), float(overlap)
         self.iou_weight, self.size_weight, self.ring_weight = float(iou_weight), float(size_weight), float(ring_weight)
