@@ -12,7 +12,7 @@ from bundle.decoder import SamDecoder
 from bundle.prediction import Prediction
 from bundle.sources import ChoiceSource, Cohort, FusedSource, SearchSource, Source, load_source, save_source
 from bundle.sources.base import register
-from bundle.sources.choice import on_other_classes
+from bundle.sources.choice import on_other_classes, sample_positions
 from bundle.store import EmbeddingStore, Reference
 from tests.conftest import disk
 
@@ -118,10 +118,13 @@ def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen
     still = [(f"s{i}", _case(rng, c, r)) for i, (c, r) in enumerate([((41, 46), 16), ((39, 44), 16), ((42, 45), 15)])]
     # ... moves and is twice or half the size in most images: the search wins those clearly, and its masks are taken
     moved = [(f"m{i}", _case(rng, c, r)) for i, (c, r) in enumerate([((41, 46), 16), ((85, 105), 30), ((90, 40), 8)])]
-    source = ChoiceSource(FixedAtlas(), SearchSource(SamDecoder(lite_medsam)), margin=0.05, gate=0.25)
+    # a sample of two: the still cohort shows no win in it and is decided; the moved one shows one, within one of the
+    # bar (two), so the third image is measured too before deciding
+    source = ChoiceSource(FixedAtlas(), SearchSource(SamDecoder(lite_medsam)), margin=0.05, gate=0.25, sample=2)
     for targets, per_image, share in ((still, False, 0.0), (moved, True, 2 / 3)):
         state = source.fit(reference, Cohort([(k, i) for k, (i, _) in targets], store))
         assert state.open.tolist() == [per_image] and state.wins == [round(share, 3)], state.wins
+        assert state.sampled == (3 if per_image else 2)
         assert bool(state.compared) == per_image  # the sample's predictions are kept only where they will serve
         preds = {k: source.predict(state, k, image, store) for k, (image, _) in targets}
         switched = [k for k, p in preds.items() if p.sources == ["search"]]
@@ -130,6 +133,7 @@ def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen
             assert _dice(preds[key].label() == 1, truth == 1) > 0.8, key
     loaded, loaded_state = load_source(save_source(source, state), reference, store)
     assert loaded.gate == 0.25 and loaded_state.open.tolist() == [True] and loaded_state.wins == state.wins
+    assert loaded_state.sampled == 3
     # the cohort run reused the gate's predictions of its sample; the saved model, without them, gives the same masks
     assert set(state.compared) == {"m0", "m1", "m2"} and not loaded_state.compared
     for key, (image, _) in moved:
@@ -137,3 +141,14 @@ def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen
     # one clear win is not enough, however small the cohort: a single scorer error must not open the gate
     few = source.fit(reference, Cohort([(k, i) for k, (i, _) in moved[:2]], store))
     assert few.wins == [0.5] and few.open.tolist() == [False] and not few.compared
+
+
+def test_the_gates_samples_spread_over_the_whole_cohort_and_the_second_lies_between_the_first():
+    first, second = sample_positions(40, 16)
+    assert len(first) == 16 and first[0] == 0 and first[-1] >= 36  # not only the cohort's first 32 images
+    assert len(second) == 16 and not set(first) & set(second) and max(second) < 40
+    assert all(a < b < c for a, b, c in zip(first, second, first[1:]))  # halfway between neighbours
+    assert sample_positions(80, 16)[0] == list(range(0, 80, 5))
+    assert sample_positions(12, 16) == (list(range(12)), [])  # a small cohort is measured whole, once
+    first, second = sample_positions(20, 16)
+    assert sorted(first + second) == list(range(20))

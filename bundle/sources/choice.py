@@ -15,12 +15,15 @@ cohort's images, the share where the search's mask scores more than ``gate_margi
 least the gate (and two images at least). Where the structure stays put the primary is right on most images and such
 wins are the scorer's rare errors (fetal heads: 1 image in 10); where it moves or changes size they are common
 (polyps: half the images). A share of clear wins tells the two apart on a small sample; the median Dice between the
-two masks did not (polyps' agreement is bimodal). A class the primary serves with the warp (which the classifier
+two masks did not (polyps' agreement is bimodal). Where a class's count of wins is within one of the bar, one sample
+cannot call it (a cohort whose share is a half can show four wins in sixteen), and as many images again, halfway
+between the first, are measured before deciding. A class the primary serves with the warp (which the classifier
 backed) is not measured. Where the gate stays closed the primary serves every image and the search does not run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +36,17 @@ from bundle.sources.base import Cohort, Source, load_source, register, save_sour
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
 
-__all__ = ["ChoiceSource", "ChoiceState", "on_other_classes"]
+__all__ = ["ChoiceSource", "ChoiceState", "on_other_classes", "sample_positions"]
+
+
+def sample_positions(n: int, size: int) -> tuple[list[int], list[int]]:
+    """Positions of ``size`` images evenly spread over a cohort of ``n``, and of up to ``size`` more halfway between
+    them (empty where the first already holds every image)."""
+    if n <= size:
+        return list(range(n)), []
+    first = [int(i * n / size) for i in range(size)]
+    second = sorted({int((i + 0.5) * n / size) for i in range(size)} - set(first))
+    return first, second
 
 
 def on_other_classes(candidates: np.ndarray, kept: np.ndarray, limit: float = 0.5) -> np.ndarray:
@@ -53,6 +66,7 @@ class ChoiceState:
     search: SearchState
     open: torch.Tensor  # (C,) bool: the classes chosen per image
     wins: list[float | None]  # per class, the share of the gate's sample the search clearly won (None: unmeasured)
+    sampled: int = 0  # the images the gate measured
     # where the gate opened, the sample's compared predictions by image key, so the cohort run does not redo them
     compared: dict[str, tuple[Prediction, Prediction, torch.Tensor]] = field(default_factory=dict)
 
@@ -69,7 +83,8 @@ class ChoiceSource(Source):
             least this share of ``sample`` images (and on two at least) are chosen per image, and not those the primary
             serves with the warp (None: every class the search may take).
         gate_margin: what a clear win of the search is, for the gate.
-        sample: images (evenly spaced over the cohort) the gate is measured on.
+        sample: images (evenly spaced over the cohort) the gate is measured on; as many again where a class's count of
+            clear wins is within one of the bar.
     """
 
     kind = "choice"
@@ -99,15 +114,22 @@ class ChoiceSource(Source):
             state.open = measured
             return state
 
-        step = max(1, len(cohort.items) // max(self.sample, 1))
-        sample = range(0, len(cohort.items), step)[: self.sample]
-        compared = dict(
-            cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", sample)
-        )
+        def measure(indices: list[int]) -> dict[str, tuple[Prediction, Prediction, torch.Tensor]]:
+            return dict(
+                cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", indices)
+            )
+
+        first, second = sample_positions(len(cohort.items), self.sample)
+        compared = measure(first)
         won = torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
+        bar = max(math.ceil(self.gate * len(won) - 1e-9), 2)  # one scorer error never opens a small cohort
+        if second and (measured & ((won.sum(0) - bar).abs() <= 1)).any():  # too close to call on one sample
+            compared.update(measure(second))
+            won = torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
         share = won.float().mean(0)
         state.wins = [round(float(w), 3) if measured[c] else None for c, w in enumerate(share)]
-        state.open = measured & (share >= self.gate) & (won.sum(0) >= 2)  # one scorer error never opens a small cohort
+        state.sampled = len(compared)
+        state.open = measured & (share >= self.gate) & (won.sum(0) >= 2)
         if state.open.any():
             state.compared = compared
         return state
@@ -116,7 +138,9 @@ class ChoiceSource(Source):
         """The primary's decisions, each with the gate's ``search_wins`` and whether it is chosen ``per_image``."""
         decisions = self.primary.decisions(state.primary)
         return [
-            SimpleNamespace(**vars(d), search_wins=w, per_image=bool(o))
+            SimpleNamespace(
+                **vars(d), search_wins=w, gate_images=state.sampled if w is not None else None, per_image=bool(o)
+            )
             for d, w, o in zip(decisions, state.wins, state.open)
         ]
 
@@ -180,6 +204,7 @@ class ChoiceSource(Source):
             },
             "open": state.open.clone(),
             "wins": list(state.wins),
+            "sampled": state.sampled,
         }
 
     @classmethod
@@ -194,4 +219,5 @@ class ChoiceSource(Source):
         source = cls(primary, search, **settings)
         C = len(search_state.parts)
         open_ = state["open"].bool() if "open" in state else source._open(primary_state, C)  # models saved before 0.22
-        return source, ChoiceState(primary_state, search_state, open_, list(state.get("wins", [None] * C)))
+        wins = list(state.get("wins", [None] * C))
+        return source, ChoiceState(primary_state, search_state, open_, wins, int(state.get("sampled", 0)))
