@@ -10,15 +10,15 @@ A class the primary serves with the warped label because SAM was unsure of it ov
 keeps it: the search's candidates are SAM's masks too. The scorer does not know where a class lies, so a search mask
 that lands mostly on another class's mask (the left lung for the right one: they look alike) does not replace it.
 
-With a ``gate``, the choice is made only for the classes whose primary is often clearly beaten: on a sample of the
-cohort's images, the share where the search's mask scores more than ``gate_margin`` higher than the primary's is at
-least the gate (and two images at least). Where the structure stays put the primary is right on most images and such
-wins are the scorer's rare errors (fetal heads: 1 image in 10); where it moves or changes size they are common
-(polyps: half the images). A share of clear wins tells the two apart on a small sample; the median Dice between the
-two masks did not (polyps' agreement is bimodal). Where a class's count of wins is within one of the bar, one sample
-cannot call it (a cohort whose share is a half can show four wins in sixteen), and as many images again, halfway
-between the first, are measured before deciding. A class the primary serves with the warp (which the classifier
-backed) is not measured. Where the gate stays closed the primary serves every image and the search does not run.
+With a ``gate``, the choice is made only for the classes whose primary is clearly beaten often enough: on a sample of
+the cohort's images, the share where the search's mask scores more than ``gate_margin`` higher than the primary's is at
+least the gate (and two images at least). Where the structure stays put the primary is right on most images and the
+scorer's errors in the search's favour stay small (fetal heads: at most 0.13); where it moves or changes size wins
+beyond that are common (polyps: 3 images in 10 by more than 0.15). The median Dice between the two masks could not
+tell the two apart (polyps' agreement is bimodal). Where a class's count of wins is within one of the bar, one sample
+cannot call it, and as many images again, halfway between the first, are measured before deciding. A class the
+primary serves with the warp (which the classifier backed) is not measured. Where the gate stays closed the primary
+serves every image and the search does not run.
 """
 
 from __future__ import annotations
