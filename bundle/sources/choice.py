@@ -119,13 +119,17 @@ class ChoiceSource(Source):
                 cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", indices)
             )
 
+        def clear_wins() -> torch.Tensor:
+            """(n, C) whether the search won each compared image's class by more than ``gate_margin``."""
+            return torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
+
         first, second = sample_positions(len(cohort.items), self.sample)
         compared = measure(first)
-        won = torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
+        won = clear_wins()
         bar = max(math.ceil(self.gate * len(won) - 1e-9), 2)  # one scorer error never opens a small cohort
         if second and (measured & ((won.sum(0) - bar).abs() <= 1)).any():  # too close to call on one sample
             compared.update(measure(second))
-            won = torch.stack([gain > self.gate_margin for _, _, gain in compared.values()])
+            won = clear_wins()
         share = won.float().mean(0)
         state.wins = [round(float(w), 3) if measured[c] else None for c, w in enumerate(share)]
         state.sampled = len(compared)
