@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, shared_dataset
 
@@ -67,3 +68,24 @@ def test_a_reference_within_the_tuning_split_takes_the_splits_other_cases_and_no
     assert [os.path.basename(t.image_path) for t in targets] == [f"case{i:02d}.png" for i in (0, 1, 3, 4)]
     with pytest.raises(ValueError, match="not among the tuning split"):
         bench.tuning_dir(str(tmp_path / "data"), 5, 4, str(tmp_path / "ref5"))
+
+
+def test_the_true_box_ceiling_scores_sams_masks_from_each_structures_box():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    box_ceiling = importlib.import_module("box_ceiling")
+    summary = box_ceiling.ceiling(shared_dataset("jsrt"), num_images=2)
+    assert set(summary["per_class"]) == {"right_lung", "left_lung", "heart"}
+    # the true box around a lung gives LiteMedSAM the lung; a mislabelled or misplaced box scores far lower
+    assert summary["per_class"]["right_lung"] > 85 and summary["per_class"]["left_lung"] > 85, summary
+    assert summary["missed_share"] == 0
+
+
+def test_true_boxes_bound_each_present_class():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    box_ceiling = importlib.import_module("box_ceiling")
+    truth = np.zeros((20, 30), np.uint8)
+    truth[2:5, 3:9] = 1
+    truth[10:18, 20:25] = 3
+    present, boxes = box_ceiling.true_boxes(truth, 3)
+    assert present == [1, 3]
+    assert boxes.tolist() == [[3, 2, 9, 5], [20, 10, 25, 18]]
