@@ -4,9 +4,8 @@
 
 Per target of the split and per class present, SAM decodes the class's bounding box (single mask) on the image's
 embedding; each class is scored on its own mask (no rule between overlapping classes), and the summary gives the mean
-Dice per class and overall. No prompt the bundle derives from a reference can be
-better placed than the true box, so a class far below a target here needs more than better localisation (SAM's
-outline itself, or the registered label, must carry it).
+Dice per class and overall. No box the bundle derives from a reference is better placed than the true box, so this
+bounds box prompting (not the bundle: it also prompts with the warped mask, and its registered label needs no SAM).
 """
 
 from __future__ import annotations
