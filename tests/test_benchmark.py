@@ -10,17 +10,17 @@ import pytest
 from conftest import ROOT, shared_dataset
 
 
-def _benchmark():
+def _script(name: str = "benchmark"):
     # imported by name, so that the benchmark's spawned worker processes can unpickle its functions
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    return importlib.import_module("benchmark")
+    return importlib.import_module(name)
 
 
 def test_every_benchmark_method_segments_two_real_images(tmp_path):
     jsrt = shared_dataset("jsrt")
     markdown = tmp_path / "table.md"
     args = ["--dataset_dir", jsrt, "--num_images", "2", "--methods", "bundle", "elastix", "ants"]
-    results = _benchmark().main([*args, "--output_dir", str(tmp_path / "out"), "--markdown", str(markdown)])["jsrt"]
+    results = _script().main([*args, "--output_dir", str(tmp_path / "out"), "--markdown", str(markdown)])["jsrt"]
 
     rows = {name.split(",")[0]: summary for name, summary in results.items()}
     assert set(rows) == {"bundle", "elastix", "ants"}
@@ -36,7 +36,7 @@ def test_every_benchmark_method_segments_two_real_images(tmp_path):
 
 
 def test_each_reference_of_the_spread_takes_the_cases_after_it_and_the_table_gives_their_spread(tmp_path):
-    bench = _benchmark()
+    bench = _script()
     items = [{"image": f"images/case{i:02d}.png", "label": f"labels/case{i:02d}.png"} for i in range(12)]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"1": "x"}, "training": items[::-1]}))
@@ -55,7 +55,7 @@ def test_each_reference_of_the_spread_takes_the_cases_after_it_and_the_table_giv
 def test_a_reference_within_the_tuning_split_takes_the_splits_other_cases_and_nothing_after_it(tmp_path):
     from bundle.dataset import load_datalist
 
-    bench = _benchmark()
+    bench = _script()
     items = [{"image": f"images/case{i:02d}.png", "label": f"labels/case{i:02d}.png"} for i in range(12)]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"1": "x"}, "training": items[::-1]}))
@@ -71,8 +71,7 @@ def test_a_reference_within_the_tuning_split_takes_the_splits_other_cases_and_no
 
 
 def test_the_true_box_ceiling_scores_sams_masks_from_each_structures_box():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    box_ceiling = importlib.import_module("box_ceiling")
+    box_ceiling = _script("box_ceiling")
     summary = box_ceiling.ceiling(shared_dataset("jsrt"), num_images=2)
     assert set(summary["per_class"]) == {"right_lung", "left_lung", "heart"}
     # the true box around a lung gives LiteMedSAM the lung; a mislabelled or misplaced box scores far lower
@@ -81,8 +80,7 @@ def test_the_true_box_ceiling_scores_sams_masks_from_each_structures_box():
 
 
 def test_true_boxes_bound_each_present_class():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    box_ceiling = importlib.import_module("box_ceiling")
+    box_ceiling = _script("box_ceiling")
     truth = np.zeros((20, 30), np.uint8)
     truth[2:5, 3:9] = 1
     truth[10:18, 20:25] = 3
