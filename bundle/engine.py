@@ -20,6 +20,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from monai.utils import convert_to_tensor
 
 from bundle.distributed import average_gradients, broadcast_module, is_main
 from bundle.losses import LabelLoss, WarpingLoss
@@ -127,8 +128,9 @@ class WarpTrainer(Engine):
         for seed in seeds:
             self.augmentation.set_random_state(seed)
             out = self.augmentation({"image": self.moving.clone(), "label": self.moving_label.clone()})
-            images.append(torch.as_tensor(out["image"]).float())
-            labels.append(torch.as_tensor(out["label"]).float())
+            # plain tensors: MONAI's MetaTensor would route every op of the training step through its metadata hooks
+            images.append(convert_to_tensor(out["image"], dtype=torch.float32, track_meta=False))
+            labels.append(convert_to_tensor(out["label"], dtype=torch.float32, track_meta=False))
         return torch.stack(images), torch.stack(labels)
 
     def _step(self, engine: Engine, batch: torch.Tensor) -> float:

