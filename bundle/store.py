@@ -29,15 +29,22 @@ __all__ = ["Clock", "EmbeddingStore", "Reference"]
 
 
 class Clock:
-    """Seconds spent per stage of a run, added up; and the process's peak resident memory (MB) when each stage last
+    """Seconds spent per stage of a run, added up, each stage's own: a stage timed inside another (an encoding inside
+    the classifier's fitting) counts for itself only; and the process's peak resident memory (MB) when each stage last
     ended (which stage the run's peak memory is reached in)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
+        self._spans: list[tuple[float, float]] = []  # the outermost timed spans so far, (start, end)
 
     def add(self, stage: str, start: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 2)
+        """Time ``stage`` from ``start`` to now, less the stages timed within it."""
+        end = time.time()
+        inner = [span for span in self._spans if span[0] >= start]
+        own = end - start - sum(b - a for a, b in inner)
+        self._spans = [span for span in self._spans if span[0] < start] + [(start, end)]
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + own, 2)
         self.peak_mb[stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 

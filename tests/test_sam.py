@@ -57,3 +57,36 @@ def test_segment_anything_backend_refuses_missing_or_unknown(tmp_path):
         SegmentAnything(checkpoint=str(tmp_path / "sam_vit_b.pth"))
     with pytest.raises(ValueError, match="model_type"):
         SegmentAnything(checkpoint=str(tmp_path / "x.pth"), model_type="vit_q")
+
+
+def test_channels_last_encoder_gives_the_same_embedding(lite_medsam):
+    import copy
+
+    # a 256 x 256 image in [0, 1] reaches the encoder unchanged, so its input can be built here
+    image = np.random.default_rng(1).random((256, 256)).astype(np.float32)
+    image[disk((256, 256), (100, 160), 40)] = 1.0
+    image[0, 0] = 0.0
+    features = lite_medsam.encode(image).features
+    assert features.dtype == torch.float32 and features.is_contiguous()
+    plain = copy.deepcopy(lite_medsam.model.image_encoder).to(memory_format=torch.contiguous_format)
+    x = torch.from_numpy(np.repeat(image[None], 3, axis=0))[None]
+    with torch.no_grad():
+        expected = plain(x.contiguous())
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_precision_segments_and_bad_precision_is_refused():
+    import pytest
+
+    sam = LiteMedSAM(precision="bfloat16")
+    assert sam.precision == "bfloat16" and LiteMedSAM(precision="auto").precision in ("float32", "bfloat16")
+    truth = disk((120, 200), (50, 150), 25)
+    image = np.where(truth, 200.0, 40.0).astype(np.float32) + np.random.default_rng(0).normal(0, 5, truth.shape)
+    emb = sam.encode(image)
+    assert emb.features.dtype == torch.float32
+    logits, iou = sam.predict(emb, boxes=torch.tensor([[125.0, 25.0, 175.0, 75.0]]))
+    assert logits.dtype == torch.float32 and iou.dtype == torch.float32
+    pred = logits[0, 0].numpy() > 0
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.85
+    with pytest.raises(ValueError, match="precision"):
+        LiteMedSAM(precision="float16")

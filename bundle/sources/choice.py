@@ -24,6 +24,7 @@ serves every image and the search does not run.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -115,9 +116,10 @@ class ChoiceSource(Source):
             return state
 
         def measure(indices: list[int]) -> dict[str, tuple[Prediction, Prediction, torch.Tensor]]:
-            return dict(
-                cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", indices)
-            )
+            start = time.time()
+            pairs = cohort.map(lambda k, i: (k, self.compare(state, k, i, cohort.store)), "primary and search", indices)
+            cohort.store.clock.add("choice_gate_s", start)
+            return dict(pairs)
 
         def clear_wins() -> torch.Tensor:
             """(n, C) whether the search won each compared image's class by more than ``gate_margin``."""
