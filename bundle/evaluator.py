@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Sequence
 
 import ignite.distributed as idist
@@ -75,7 +74,6 @@ class OneShotEvaluator(Engine):
             from ignite.handlers import ProgressBar
 
             ProgressBar(persist=False, desc="segmenting").attach(self)
-        self.seconds = 0.0
 
     def _step(self, engine: Engine, target: Target) -> dict[str, Any]:
         if target.done:
@@ -90,10 +88,8 @@ class OneShotEvaluator(Engine):
         """Segment one target and write its outputs: (Z, H, W) class indices, classes not found, review signals."""
         model, values = self.model, np.array([0, *self.model.class_values], dtype=np.int64)
         paths = output_paths(self.output_dir, target)
-        start = time.time()
         label, missing, signals = self.inferer(target, model, self.store)
         trim()  # the target's freed working memory goes back to the system (flat memory over a long cohort)
-        self.seconds += time.time() - start
         save_prediction(values[label], paths[0], target.volume)
         if target.dicom_sources is not None:
             try:
@@ -106,17 +102,15 @@ class OneShotEvaluator(Engine):
 
     def evaluate(
         self, model: OneShotModel, store: EmbeddingStore, targets: list[Target], errors: list[dict] | None = None
-    ) -> float:
-        """Run over ``targets`` (``errors``: inputs that could not be read, for the tables); returns the seconds spent
-        segmenting."""
-        self.model, self.store, self.errors, self.seconds = model, store, list(errors or []), 0.0
+    ) -> None:
+        """Run over ``targets`` (``errors``: inputs that could not be read, for the tables); the caller times it."""
+        self.model, self.store, self.errors = model, store, list(errors or [])
         self.known = {}
         if idist.get_world_size() > 1:
             self._segment_owned(targets)
             if not is_main():
-                return self.seconds
+                return
         self.run(targets, max_epochs=1)
-        return self.seconds
 
     def _segment_owned(self, targets: list[Target]) -> None:
         """Several processes: segment and write the targets this one owns (``map_owned``), sharing what the tables need
