@@ -126,7 +126,9 @@ def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen
         state = source.fit(reference, Cohort([(k, i) for k, (i, _) in targets], store))
         assert state.open.tolist() == [per_image] and state.wins == [round(share, 3)], state.wins
         assert state.sampled == (3 if per_image else 2)
-        assert bool(state.compared) == per_image  # the sample's predictions are kept only where they will serve
+        # the sample's predictions serve the cohort run: the primary's always, the search's only where chosen per image
+        assert len(state.compared) == state.sampled
+        assert all((other is not None) == per_image for _, other, _ in state.compared.values())
         preds = {k: source.predict(state, k, image, store) for k, (image, _) in targets}
         switched = [k for k, p in preds.items() if p.sources == ["search"]]
         assert switched == (["m1", "m2"] if per_image else []), switched
@@ -139,9 +141,14 @@ def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen
     assert set(state.compared) == {"m0", "m1", "m2"} and not loaded_state.compared
     for key, (image, _) in moved:
         assert torch.equal(loaded.predict(loaded_state, key, image, store).logits, preds[key].logits), key
-    # one clear win is not enough, however small the cohort: a single scorer error must not open the gate
+    # one clear win is not enough, however small the cohort: a single scorer error must not open the gate; the primary's
+    # kept predictions of the closed gate's sample are the ones it would make again
     few = source.fit(reference, Cohort([(k, i) for k, (i, _) in moved[:2]], store))
-    assert few.wins == [0.5] and few.open.tolist() == [False] and not few.compared
+    assert few.wins == [0.5] and few.open.tolist() == [False] and set(few.compared) == {"m0", "m1"}
+    for key, (image, _) in moved[:2]:
+        kept = source.predict(few, key, image, store)
+        assert kept is few.compared[key][0]  # not decoded again
+        assert torch.equal(kept.logits, source.primary.predict(few.primary, key, image, store).logits), key
 
 
 def test_the_gates_samples_spread_over_the_whole_cohort_and_the_second_lies_between_the_first():

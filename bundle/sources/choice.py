@@ -68,8 +68,9 @@ class ChoiceState:
     open: torch.Tensor  # (C,) bool: the classes chosen per image
     wins: list[float | None]  # per class, the share of the gate's sample the search clearly won (None: unmeasured)
     sampled: int = 0  # the images the gate measured
-    # where the gate opened, the sample's compared predictions by image key, so the cohort run does not redo them
-    compared: dict[str, tuple[Prediction, Prediction, torch.Tensor]] = field(default_factory=dict)
+    # the sample's predictions by image key, so the cohort run does not redo them: the primary's, and where the gate
+    # opened the search's and the gain too (None where it stayed closed)
+    compared: dict[str, tuple[Prediction, Prediction | None, torch.Tensor | None]] = field(default_factory=dict)
 
 
 @register("choice")
@@ -136,8 +137,9 @@ class ChoiceSource(Source):
         state.wins = [round(float(w), 3) if measured[c] else None for c, w in enumerate(share)]
         state.sampled = len(compared)
         state.open = measured & (share >= self.gate) & (won.sum(0) >= 2)
-        if state.open.any():
-            state.compared = compared
+        state.compared = (
+            compared if state.open.any() else {k: (pred, None, None) for k, (pred, _, _) in compared.items()}
+        )
         return state
 
     def decisions(self, state: ChoiceState) -> list[Any]:
@@ -181,10 +183,10 @@ class ChoiceSource(Source):
         return torch.tensor([not getattr(d, "registration", False) for d in decisions])
 
     def predict(self, state: ChoiceState, key: str, image: np.ndarray, store: EmbeddingStore) -> Prediction:
-        open_ = state.open
+        open_, kept = state.open, state.compared.get(key)
         if not open_.any():
-            return self.primary.predict(state.primary, key, image, store)
-        pred, other, gain = state.compared.get(key) or self.compare(state, key, image, store)
+            return kept[0] if kept else self.primary.predict(state.primary, key, image, store)
+        pred, other, gain = kept or self.compare(state, key, image, store)
         switch = (gain > self.margin) & open_
         if switch.any() and len(switch) > 1:
             switch &= ~torch.from_numpy(on_other_classes((other.logits > 0).numpy(), pred.masks()))
