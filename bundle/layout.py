@@ -14,7 +14,15 @@ import torch
 from monai.transforms import Transform
 from scipy import ndimage
 
-__all__ = ["FillBackgroundHoles", "Layout", "components", "enclosing_share", "keep_parts", "part_counts"]
+__all__ = [
+    "FillBackgroundHoles",
+    "Layout",
+    "components",
+    "enclosing_share",
+    "keep_parts",
+    "on_other_classes",
+    "part_counts",
+]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -68,6 +76,17 @@ def enclosing_share(label: np.ndarray, c: int, num_classes: int, bins: int = 16)
         if top.argmax() > 0 and top.max() * 2 > v.size:
             out[top.argmax() - 1] += 1
     return out / max(used, 1)
+
+
+def on_other_classes(candidates: np.ndarray, kept: np.ndarray, limit: float = 0.5) -> np.ndarray:
+    """(C,) where more than ``limit`` of class c's candidate mask (``candidates`` (C, H, W) boolean) lies on the
+    ``kept`` (C, H, W) boolean masks of the other classes."""
+    out = np.zeros(len(candidates), dtype=bool)
+    for c, mask in enumerate(candidates):
+        area = mask.sum()
+        others = np.delete(kept, c, axis=0).any(axis=0) if len(kept) > 1 else np.zeros_like(mask)
+        out[c] = area > 0 and (mask & others).sum() > limit * area
+    return out
 
 
 @dataclass

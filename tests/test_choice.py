@@ -9,10 +9,11 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle.decoder import SamDecoder
+from bundle.layout import on_other_classes
 from bundle.prediction import Prediction
 from bundle.sources import ChoiceSource, Cohort, FusedSource, SearchSource, Source, load_source, save_source
 from bundle.sources.base import register
-from bundle.sources.choice import on_other_classes, sample_positions
+from bundle.sources.choice import sample_positions
 from bundle.store import EmbeddingStore, Reference
 from tests.conftest import disk
 

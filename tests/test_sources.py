@@ -1,6 +1,7 @@
 """Sources on synthetic cohorts: each fits on a reference and a cohort and predicts one image at a time."""
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -356,6 +357,39 @@ def test_fused_takes_the_locators_mask_in_the_one_image_where_the_cohorts_warp_l
     source.switch_margin = None  # the cohort's choice alone loses the moved structure
     key, (image, truth) = targets[-1]
     assert _dice(source.predict(state, key, image, store).label() == 1, truth == 1) < 0.5
+
+
+class _GivenMasks(ClassifierSource):
+    """A locator whose SAM masks are given, whatever the image."""
+
+    def __init__(self, pred: Prediction):
+        self.pred = pred
+
+    def predict(self, state, key, image, store, probs=None) -> Prediction:
+        return self.pred
+
+
+def test_the_per_image_switch_does_not_take_a_locators_mask_lying_on_another_class():
+    size = (64, 96)
+    a, b, stray = disk(size, (32, 24), 10), disk(size, (32, 72), 10), disk(size, (8, 48), 4)
+
+    def logits(*masks):
+        return torch.stack([torch.where(torch.from_numpy(m), 10.0, -10.0) for m in masks])
+
+    warp = Prediction(logits(stray, b), torch.ones(2))  # the warp lost class 1 (structure a) in this image
+    probs = torch.full((3, *size), 0.05)
+    probs[1][torch.from_numpy(a | b)] = 0.9  # the classifier takes both look-alike structures for class 1
+    probs[2][torch.from_numpy(b)] = 0.9
+    state = SimpleNamespace(use_primary=torch.tensor([True, True]), use_registration=torch.tensor([False, False]))
+    for located, expected in ((a, ["classifier", "warp"]), (b, ["warp", "warp"])):
+        source = _GivenMasks(Prediction(logits(located, b), torch.ones(2)))
+        fused_source = FusedSource(None, source, None, switch_margin=0.25)
+        state.locator = None
+        pred, sources = fused_source.switch(state, warp, ["warp", "warp"], probs, "t", None, None)
+        assert sources == expected
+        # class 1 on its own structure where the locator found it there; else the warp's masks stay as they were
+        assert (pred.label() == 1).sum() == (a.sum() if located is a else stray.sum())
+        assert ((pred.label() == 2) == b).all()
 
 
 def test_store_on_disk_belongs_to_one_job(tmp_path):

@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle.layout import on_other_classes
 from bundle.prediction import Prediction, combine
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
 
-__all__ = ["ChoiceSource", "ChoiceState", "on_other_classes", "sample_positions"]
+__all__ = ["ChoiceSource", "ChoiceState", "sample_positions"]
 
 
 def sample_positions(n: int, size: int) -> tuple[list[int], list[int]]:
@@ -48,17 +49,6 @@ def sample_positions(n: int, size: int) -> tuple[list[int], list[int]]:
     first = [int(i * n / size) for i in range(size)]
     second = sorted({int((i + 0.5) * n / size) for i in range(size)} - set(first))
     return first, second
-
-
-def on_other_classes(candidates: np.ndarray, kept: np.ndarray, limit: float = 0.5) -> np.ndarray:
-    """(C,) where more than ``limit`` of class c's candidate mask (``candidates`` (C, H, W) boolean) lies on the
-    ``kept`` (C, H, W) boolean masks of the other classes."""
-    out = np.zeros(len(candidates), dtype=bool)
-    for c, mask in enumerate(candidates):
-        area = mask.sum()
-        others = np.delete(kept, c, axis=0).any(axis=0) if len(kept) > 1 else np.zeros_like(mask)
-        out[c] = area > 0 and (mask & others).sum() > limit * area
-    return out
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from bundle.candidates import support
 from bundle.classifier import PatchClassifier
-from bundle.layout import Layout
+from bundle.layout import Layout, on_other_classes
 from bundle.prediction import Prediction, combine, dice
 from bundle.sources.aligned import AlignedSource
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
@@ -239,10 +239,15 @@ class FusedSource(Source):
     ) -> tuple[Prediction, list[str]]:
         """Per class the warp serves with SAM, the locator's own SAM mask instead of ``pred``'s where the locator's
         probabilities ``probs`` (C + 1, H, W) support it more than ``switch_margin`` better (the warp lost the structure
-        in this image); and the per-class source names after the switch."""
+        in this image) and does not lie mostly on another class's mask; and the per-class source names after the
+        switch."""
         located = self.locator.predict(state.locator, key, image, store, probs)
         gain = _supports(probs, located) - _supports(probs, pred)
         switch = (gain > self.switch_margin) & state.use_primary & ~state.use_registration
+        if switch.any() and len(switch) > 1:
+            # a locator's mask lying mostly on another class's is that class found again (the left lung for the right
+            # one: they look alike), not this class found where the warp lost it
+            switch &= ~torch.from_numpy(on_other_classes((located.logits > 0).numpy(), pred.masks()))
         if not switch.any():
             return pred, sources
         sources = [self.locator.kind if switch[c] else s for c, s in enumerate(sources)]
