@@ -9,9 +9,10 @@ Where SAM itself is unsure of the chosen source's masks (median predicted IoU ov
 ``sam_confidence``: low-contrast, speckled images such as echocardiography), the warped label itself serves the class
 when the locator supports it at least as much, or when the class is a wall around another in the reference (SAM
 outlines filled regions, not rings). Last, per image, a class the warp serves takes the locator's own SAM mask
-instead where the locator supports that one clearly more (``switch_margin``): the warp can lose a structure in single
-images of a cohort where it otherwise finds it. (Switching away from the fallback too helped PH2 and Kvasir but
-lowered HC18 on the tuning splits.)
+instead where the locator supports that one clearly more (``switch_margin``) and it does not lie mostly on another
+class's mask (look-alike classes, e.g. the two lungs): the warp can lose a structure in single images of a cohort where
+it otherwise finds it. (Switching away from the fallback too helped PH2 and Kvasir but lowered HC18 on the tuning
+splits.)
 """
 
 from __future__ import annotations
