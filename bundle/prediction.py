@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bundle.layout import on_other_classes
 from bundle.prompts import Prompts
 
-__all__ = ["Prediction", "combine", "dice"]
+__all__ = ["Prediction", "combine", "dice", "own_places"]
 
 
 @dataclass
@@ -62,3 +63,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (1 when both are empty)."""
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def own_places(switch: torch.Tensor, incoming: Prediction, kept: Prediction) -> torch.Tensor:
+    """``switch`` (C,) less the classes whose ``incoming`` mask (logits above 0) lies mostly on another class's mask of
+    ``kept``: with look-alike classes (the two lungs) that is the other class found again, not this one."""
+    if len(switch) < 2 or not switch.any():
+        return switch
+    return switch & ~torch.from_numpy(on_other_classes((incoming.logits > 0).numpy(), kept.masks()))

@@ -10,7 +10,7 @@ from monai.bundle import ConfigParser
 
 from bundle.decoder import SamDecoder
 from bundle.layout import on_other_classes
-from bundle.prediction import Prediction
+from bundle.prediction import Prediction, own_places
 from bundle.sources import ChoiceSource, Cohort, FusedSource, SearchSource, Source, load_source, save_source
 from bundle.sources.base import register
 from bundle.sources.choice import sample_positions
@@ -109,6 +109,11 @@ def test_a_search_mask_on_another_classs_place_does_not_replace_its_class():
     assert on_other_classes(np.stack([elsewhere, left | right]), kept).tolist() == [False, False]
     assert on_other_classes(np.stack([left & ~left, right]), kept).tolist() == [False, False]  # empty candidate
     assert on_other_classes(np.stack([right]), np.stack([left])).tolist() == [False]  # one class: nothing else to take
+    # the switch both sources use: class 0's incoming mask on class 1's place is not taken, class 1's own is
+    incoming = Prediction(torch.where(torch.from_numpy(np.stack([right, right])), 5.0, -5.0), torch.ones(2))
+    kept_pred = Prediction(torch.where(torch.from_numpy(kept), 5.0, -5.0), torch.ones(2))
+    assert own_places(torch.tensor([True, True]), incoming, kept_pred).tolist() == [False, True]
+    assert own_places(torch.tensor([False, True]), incoming, kept_pred).tolist() == [False, True]
 
 
 def test_with_a_gate_only_a_cohort_where_the_search_often_wins_clearly_is_chosen_per_image(lite_medsam):

@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.layout import on_other_classes
-from bundle.prediction import Prediction, combine
+from bundle.prediction import Prediction, combine, own_places
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.search import SearchSource, SearchState
 from bundle.store import EmbeddingStore, Reference
@@ -177,9 +176,7 @@ class ChoiceSource(Source):
         if not open_.any():
             return kept[0] if kept else self.primary.predict(state.primary, key, image, store)
         pred, other, gain = kept or self.compare(state, key, image, store)
-        switch = (gain > self.margin) & open_
-        if switch.any() and len(switch) > 1:
-            switch &= ~torch.from_numpy(on_other_classes((other.logits > 0).numpy(), pred.masks()))
+        switch = own_places((gain > self.margin) & open_, other, pred)
         if not switch.any():
             return pred
         out = combine(~switch, pred, other)

@@ -26,8 +26,8 @@ import torch
 
 from bundle.candidates import support
 from bundle.classifier import PatchClassifier
-from bundle.layout import Layout, on_other_classes
-from bundle.prediction import Prediction, combine, dice
+from bundle.layout import Layout
+from bundle.prediction import Prediction, combine, dice, own_places
 from bundle.sources.aligned import AlignedSource
 from bundle.sources.base import Cohort, Source, load_source, register, save_source
 from bundle.sources.classifier import ClassifierSource
@@ -244,11 +244,7 @@ class FusedSource(Source):
         switch."""
         located = self.locator.predict(state.locator, key, image, store, probs)
         gain = _supports(probs, located) - _supports(probs, pred)
-        switch = (gain > self.switch_margin) & state.use_primary & ~state.use_registration
-        if switch.any() and len(switch) > 1:
-            # a locator's mask lying mostly on another class's is that class found again (the left lung for the right
-            # one: they look alike), not this class found where the warp lost it
-            switch &= ~torch.from_numpy(on_other_classes((located.logits > 0).numpy(), pred.masks()))
+        switch = own_places((gain > self.switch_margin) & state.use_primary & ~state.use_registration, located, pred)
         if not switch.any():
             return pred, sources
         sources = [self.locator.kind if switch[c] else s for c, s in enumerate(sources)]
