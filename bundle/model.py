@@ -45,7 +45,8 @@ class OneShotModel:
     Args:
         groups: the fitted groups.
         class_values / class_names: label value and name of each class, in class-index order.
-        preparation: how images were prepared for the sources (``window``, ``max_size``), applied to new images.
+        preparation: how images were prepared for the sources (``window``, ``max_size``) and SAM's ``precision``,
+            applied to new images.
     """
 
     def __init__(
@@ -193,6 +194,16 @@ class OneShotModel:
             )
             source, fitted = load_source(g["source"], reference, store, device)
             groups.append(Group(reference, list(g["classes"]), source, fitted))
+        fitted = (state.get("preparation") or {}).get("precision")
+        here = getattr(store.sam, "precision", None)
+        if fitted is not None and here is not None and fitted != here:
+            logger.warning(
+                "%s was fitted with SAM in %s; it is applied in %s here, so its masks may differ a little from the "
+                "cohort run's (sam#precision)",
+                path,
+                fitted,
+                here,
+            )
         return cls(groups, state["class_values"], state["class_names"], state.get("preparation"))
 
 

@@ -181,7 +181,11 @@ class OneShotSegmentation(_Run):
         ]
         items = SliceItems([(k, t.images) for t in targets for k in t.keys if k is not None])
         cohort = Cohort(items, self.store, self.progress)
-        preparation = {"window": prepare.window and list(prepare.window), "max_size": prepare.max_size}
+        preparation = {
+            "window": prepare.window and list(prepare.window),
+            "max_size": prepare.max_size,
+            "precision": getattr(self.store.sam, "precision", None),  # SAM's arithmetic: masks differ a little by it
+        }
         model = OneShotModel.fit(self.source, references, cohort, class_values, class_names, preparation)
         if self.adapted_model and is_main():
             model.save(self.adapted_model, job=job)

@@ -1,6 +1,7 @@
 """The fitted model: one per-image path for the cohort run, the saved model (configs/infer.yaml) and MONAI Label."""
 
 import json
+import logging
 import os
 
 import nibabel as nib
@@ -170,6 +171,22 @@ def test_infer_config_writes_png_and_nifti_in_the_input_geometry(fitted, tmp_pat
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == os.path.abspath(fitted["path"])
 
 
+def test_infer_config_applies_the_model_in_the_precision_it_was_fitted_in(fitted, tmp_path, caplog):
+    state = torch.load(fitted["path"], weights_only=True)
+    state["preparation"] = {"window": None, "max_size": 1024, "precision": "bfloat16"}  # as a bfloat16 run saves it
+    path = str(tmp_path / "bfloat16.pt")
+    torch.save(state, path)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "infer.yaml"))
+    parser.update({"bundle_root": ROOT, "model_path": path})
+    assert parser.get_parsed_content("sam#precision") == "bfloat16"
+    parser.update({"model_path": fitted["path"]})  # saved without it (older models): float32
+    assert parser.get_parsed_content("sam#precision") == "float32"
+    with caplog.at_level(logging.WARNING, logger="bundle.model"):
+        OneShotModel.load(path, EmbeddingStore(fitted["sam"]))  # a float32 backend: said, not hidden
+    assert "fitted with SAM in bfloat16; it is applied in float32" in caplog.text
+
+
 def test_missing_model_says_to_run_the_cohort_config_first(tmp_path):
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "infer.yaml"))
@@ -189,6 +206,7 @@ def test_cohort_config_saves_the_model_that_infer_config_reuses(tmp_path):
     parser.update({"bundle_root": ROOT, "dataset_dir": str(data), "output_dir": str(tmp_path / "cohort"), **overrides})
     cohort = parser.get_parsed_content("workflow").run()
     model = tmp_path / "cohort" / "model.pt"  # under output_dir by default
+    assert torch.load(model, weights_only=True)["preparation"]["precision"] == "float32"  # infer.yaml applies it
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(model, weights_only=True)["network"])  # what ckpt_export does
     infer = ConfigParser()
