@@ -194,14 +194,14 @@ class OneShotModel:
             )
             source, fitted = load_source(g["source"], reference, store, device)
             groups.append(Group(reference, list(g["classes"]), source, fitted))
-        fitted = (state.get("preparation") or {}).get("precision")
+        saved = (state.get("preparation") or {}).get("precision")
         here = getattr(store.sam, "precision", None)
-        if fitted is not None and here is not None and fitted != here:
+        if saved is not None and here is not None and saved != here:
             logger.warning(
                 "%s was fitted with SAM in %s; it is applied in %s here, so its masks may differ a little from the "
                 "cohort run's (sam#precision)",
                 path,
-                fitted,
+                saved,
                 here,
             )
         return cls(groups, state["class_values"], state["class_names"], state.get("preparation"))
