@@ -174,6 +174,25 @@ def test_the_default_config_guesses_smaller_frames_than_the_located_region(lite_
     assert min(source.wide_scales) <= 0.7 and max(source.wide_scales) < 1.0 and source.wide_margin > 0
 
 
+@pytest.mark.parametrize("strategy, ips", [("warp", False), ("match", True), ("classifier", False)])
+def test_the_config_picks_the_strategys_source_and_names_the_choices_for_an_unknown_one(lite_medsam, strategy, ips):
+    config = ConfigParser()
+    config.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "inference.yaml"))
+    config.update({"bundle_root": os.path.dirname(os.path.dirname(__file__)), "strategy": strategy, "ips": ips})
+    config["sam"] = lite_medsam
+    if strategy == "classifier":  # a source the others build on, not a strategy of its own
+        with pytest.raises(RuntimeError) as error:
+            config.get_parsed_content("source")
+        assert isinstance(error.value.__cause__, ValueError)
+        assert "unknown strategy 'classifier'" in str(error.value.__cause__)
+        assert "choice, fused, match, persam, promise, registration, search, warp" in str(error.value.__cause__)
+        return
+    source = config.get_parsed_content("source")
+    expected = {"warp": WarpSource, "match": MatchSource}[strategy]
+    assert isinstance(source.source if ips else source, expected)
+    assert type(source).__name__ == ("ShiftedSource" if ips else expected.__name__)
+
+
 def test_fused_decides_per_class_by_cohort_agreement(lite_medsam):
     def pred(masks):
         return Prediction(torch.where(torch.from_numpy(np.stack(masks)), 5.0, -5.0), torch.ones(len(masks)))

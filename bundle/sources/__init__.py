@@ -2,7 +2,7 @@
 and load the fitted state. The config composes them; ``load_source`` rebuilds a saved one by its kind."""
 
 from bundle.sources.aligned import AlignedSource
-from bundle.sources.base import Cohort, Source, load_source, save_source
+from bundle.sources.base import Cohort, Source, load_source, pick_source, save_source
 from bundle.sources.choice import ChoiceSource, ChoiceState
 from bundle.sources.classifier import ClassifierSource
 from bundle.sources.fused import Decision, FusedSource
@@ -32,5 +32,6 @@ __all__ = [
     "Source",
     "WarpSource",
     "load_source",
+    "pick_source",
     "save_source",
 ]

@@ -21,7 +21,7 @@ from bundle.heap import trim
 from bundle.prediction import Prediction
 from bundle.store import EmbeddingStore, Reference
 
-__all__ = ["Cohort", "SliceItems", "Source", "register", "save_source", "load_source"]
+__all__ = ["Cohort", "SliceItems", "Source", "register", "save_source", "load_source", "pick_source"]
 
 
 class SliceItems(Sequence):
@@ -129,6 +129,14 @@ def register(*kinds: str):
         return cls
 
     return wrap
+
+
+def pick_source(sources: Mapping[str, Source], strategy: str) -> Source:
+    """The source named ``strategy`` among a config's ``sources``; an unknown name says which ones there are."""
+    if strategy not in sources:
+        known = ", ".join(sorted(sources))
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {known} (the keys of `sources` in the config)")
+    return sources[strategy]
 
 
 def save_source(source: Source, state: Any) -> dict[str, Any]:
