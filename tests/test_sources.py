@@ -174,21 +174,23 @@ def test_the_default_config_guesses_smaller_frames_than_the_located_region(lite_
     assert min(source.wide_scales) <= 0.7 and max(source.wide_scales) < 1.0 and source.wide_margin > 0
 
 
-@pytest.mark.parametrize("strategy, ips", [("warp", False), ("match", True), ("classifier", False)])
+@pytest.mark.parametrize("strategy, ips", [("warp", False), ("classifier", True), ("aligned", False)])
 def test_the_config_picks_the_strategys_source_and_names_the_choices_for_an_unknown_one(lite_medsam, strategy, ips):
     config = ConfigParser()
     config.read_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "inference.yaml"))
     config.update({"bundle_root": os.path.dirname(os.path.dirname(__file__)), "strategy": strategy, "ips": ips})
     config["sam"] = lite_medsam
-    if strategy == "classifier":  # a source the others build on, not a strategy of its own
+    if strategy == "aligned":  # the fused source's fallback, fitted on the classes the warp lost: not a strategy
         with pytest.raises(RuntimeError) as error:
             config.get_parsed_content("source")
         assert isinstance(error.value.__cause__, ValueError)
-        assert "unknown strategy 'classifier'" in str(error.value.__cause__)
-        assert "choice, fused, match, persam, promise, registration, search, warp" in str(error.value.__cause__)
+        assert "unknown strategy 'aligned'" in str(error.value.__cause__)
+        assert "choice, classifier, fused, match, persam, promise, registration, search, warp" in str(
+            error.value.__cause__
+        )
         return
     source = config.get_parsed_content("source")
-    expected = {"warp": WarpSource, "match": MatchSource}[strategy]
+    expected = {"warp": WarpSource, "classifier": ClassifierSource}[strategy]
     assert isinstance(source.source if ips else source, expected)
     assert type(source).__name__ == ("ShiftedSource" if ips else expected.__name__)
 
