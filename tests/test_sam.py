@@ -90,3 +90,26 @@ def test_bfloat16_precision_segments_and_bad_precision_is_refused():
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.85
     with pytest.raises(ValueError, match="precision"):
         LiteMedSAM(precision="float16")
+
+
+def test_batch_norms_fold_into_the_convolutions_without_changing_the_embedding(lite_medsam, monkeypatch):
+    from bundle.sam import fuse_batch_norms
+
+    conv, norm = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.weight.data.uniform_(0.5, 2)
+    block = torch.nn.Sequential(torch.nn.Sequential(conv, norm), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    expected = block(x)
+    assert fuse_batch_norms(block) == 1 and isinstance(block[0][1], torch.nn.Identity)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite_medsam.model.modules())
+    assert not any(p.requires_grad for p in lite_medsam.model.parameters())
+    monkeypatch.setattr("bundle.sam.fuse_batch_norms", lambda module: 0)
+    unfused = LiteMedSAM()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfused.model.modules())
+    image = np.random.default_rng(2).random((180, 240)).astype(np.float32)
+    image[disk((180, 240), (90, 150), 40)] += 1.0
+    torch.testing.assert_close(lite_medsam.encode(image).features, unfused.encode(image).features, rtol=1e-4, atol=1e-4)
