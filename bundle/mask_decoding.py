@@ -59,6 +59,8 @@ def decode_masks(
         sparse: (N, P, C) and dense (N, C, h, w) prompt embeddings, one row per prompt set.
         mask_tokens: (M, C) mask tokens to use instead of the decoder's own (gradients flow to them).
     """
+    if image.shape[0] != 1:
+        raise ValueError(f"decode_masks decodes against one image embedding, got a batch of {image.shape[0]}")
     n = sparse.shape[0]
     tokens = mask_tokens if mask_tokens is not None else decoder.mask_tokens.weight
     tokens = torch.cat([decoder.iou_token.weight, tokens.to(decoder.iou_token.weight)], 0)

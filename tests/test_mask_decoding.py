@@ -39,6 +39,8 @@ def test_the_shared_image_decoding_gives_sams_own_logits(lite_medsam, scene, kin
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one[0], expected[0][1:2], rtol=1e-4, atol=2e-4)  # a row does not depend on the others
+    with pytest.raises(ValueError, match="one image"):
+        decode_masks(decoder, scene.features.expand(2, -1, -1, -1), lite_medsam.dense_pe, sparse, dense, multimask)
 
 
 def test_shifted_mask_tokens_match_sam_with_those_tokens_and_carry_gradients(lite_medsam, scene):
